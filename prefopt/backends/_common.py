@@ -1,0 +1,63 @@
+"""Plumbing shared by the backends (not a backend: backends never import each other, only this)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, fields
+from typing import Callable, Sequence
+
+import torch
+
+from prefopt.data.records import PreferencePair
+from prefopt.models.ops import encode_prompts, encode_responses
+
+# on_step(step, metrics): called once per optimisation step with that step's metrics (stable names).
+StepCallback = Callable[[int, dict], None]
+
+
+def no_op(step: int, metrics: dict) -> None:
+    pass
+
+
+@dataclass
+class EncodedPairs:
+    prompt_ids: list[list[int]]
+    chosen_ids: list[list[int]]
+    rejected_ids: list[list[int]]
+    margins: list[float | None]
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+
+def encode_pairs(pairs: Sequence[PreferencePair], tokenizer, max_prompt_tokens: int, max_response_tokens: int):
+    """Tokenise pairs once. A response gets EOS appended unless its record says it was cut (meta *_eos False)."""
+    prompts = encode_prompts([p.prompt for p in pairs], tokenizer, max_prompt_tokens)
+    chosen = encode_responses(
+        [p.chosen for p in pairs], tokenizer, max_response_tokens,
+        add_eos=[p.meta.get("chosen_eos", True) for p in pairs],
+    )
+    rejected = encode_responses(
+        [p.rejected for p in pairs], tokenizer, max_response_tokens,
+        add_eos=[p.meta.get("rejected_eos", True) for p in pairs],
+    )
+    return EncodedPairs(prompts, chosen, rejected, [p.margin for p in pairs])
+
+
+def minibatches(n: int, batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Shuffled index batches covering 0..n-1 once (the last one may be smaller)."""
+    idx = list(range(n))
+    rng.shuffle(idx)
+    return [idx[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def check_config(cfg) -> None:
+    """Positive-number checks shared by the backend configs; the message names the field and value."""
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.metadata.get("positive") and not (isinstance(v, (int, float)) and v > 0):
+            raise ValueError(f"{type(cfg).__name__}.{f.name} must be > 0, got {v!r}")

@@ -1,0 +1,99 @@
+"""DPO and its relatives (IPO, hinge/SLiC, conservative DPO) on a LoRA adapter of the shared base.
+
+The reference is the same base with adapters disabled; its sequence log-probs are computed once before training
+(the reference never changes), which halves the forward passes per step. The loss is the pure function
+:func:`prefopt.backends.losses.dpo_loss`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from prefopt.backends._common import StepCallback, adamw, check_config, encode_pairs, minibatches, no_op
+from prefopt.backends.losses import DPO_LOSS_TYPES, dpo_loss
+from prefopt.data.records import PreferencePair
+from prefopt.models.ops import make_batch, response_logprobs
+from prefopt.models.shared import SharedBase
+
+
+@dataclass
+class DPOConfig:
+    beta: float = field(default=0.1, metadata={"help": "KL strength beta (DPO paper: 0.1).", "positive": True})
+    loss_type: str = field(default="sigmoid", metadata={"help": f"One of {DPO_LOSS_TYPES}: DPO, IPO, SLiC hinge."})
+    label_smoothing: float = field(default=0.0, metadata={"help": "Conservative DPO: assumed label-flip rate in [0, 0.5)."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "AdamW learning rate for the LoRA adapter.", "positive": True})
+    epochs: int = field(default=1, metadata={"help": "Passes over the preference pairs.", "positive": True})
+    batch_size: int = field(default=16, metadata={"help": "Pairs per optimisation step.", "positive": True})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm.", "positive": True})
+    max_prompt_tokens: int = field(default=64, metadata={"help": "Prompts keep their last N tokens.", "positive": True})
+    max_response_tokens: int = field(default=64, metadata={"help": "Responses are cut to N tokens.", "positive": True})
+    role: str = field(default="dpo", metadata={"help": "Adapter name of this policy on the shared base."})
+    seed: int = field(default=0, metadata={"help": "Seed for shuffling."})
+
+    def __post_init__(self):
+        check_config(self)
+        if self.loss_type not in DPO_LOSS_TYPES:
+            raise ValueError(f"DPOConfig.loss_type must be one of {DPO_LOSS_TYPES}, got {self.loss_type!r}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"DPOConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+
+
+def _sequence_logps(lm, prompts, responses, pad_id, device) -> torch.Tensor:
+    """Sum of response-token log-probs per sequence: (B,)."""
+    batch = make_batch(prompts, responses, pad_id, device)
+    return response_logprobs(lm, batch).sum(-1)
+
+
+def train(shared: SharedBase, pairs: Sequence[PreferencePair], cfg: DPOConfig, *, on_step: StepCallback = no_op) -> None:
+    if cfg.role not in shared.roles:
+        shared.add_role(cfg.role)
+    tok, device = shared.tokenizer, shared.device
+    data = encode_pairs(pairs, tok, cfg.max_prompt_tokens, cfg.max_response_tokens)
+    n = len(data)
+
+    # 1. reference log-probs, once (pi_ref = base with adapters off)
+    ref_chosen, ref_rejected = torch.zeros(n), torch.zeros(n)
+    with torch.no_grad(), shared.reference() as lm:
+        for i in range(0, n, 2 * cfg.batch_size):
+            sl = slice(i, i + 2 * cfg.batch_size)
+            ref_chosen[sl] = _sequence_logps(lm, data.prompt_ids[sl], data.chosen_ids[sl], tok.pad_token_id, device).float().cpu()
+            ref_rejected[sl] = _sequence_logps(lm, data.prompt_ids[sl], data.rejected_ids[sl], tok.pad_token_id, device).float().cpu()
+
+    params = shared.adapter_parameters(cfg.role)
+    opt = adamw(params, cfg.learning_rate)
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    step = 0
+    with shared.role(cfg.role) as lm:
+        for epoch in range(cfg.epochs):
+            for idx in minibatches(n, cfg.batch_size, rng):
+                t0 = time.perf_counter()
+                # 2. policy log-probs: chosen and rejected in one forward, rows [0, B) chosen, [B, 2B) rejected
+                prompts = [data.prompt_ids[i] for i in idx] * 2
+                responses = [data.chosen_ids[i] for i in idx] + [data.rejected_ids[i] for i in idx]
+                logps = _sequence_logps(lm, prompts, responses, tok.pad_token_id, device).float()
+                # 3. loss
+                losses, r_chosen, r_rejected = dpo_loss(
+                    logps[: len(idx)], logps[len(idx) :],
+                    ref_chosen[idx].to(device), ref_rejected[idx].to(device),
+                    beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+                )
+                loss = losses.mean()
+                # 4. update
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt.step()
+                step += 1
+                on_step(step, {
+                    "train/loss": loss.item(),
+                    "train/reward_margin": (r_chosen - r_rejected).mean().item(),
+                    "train/reward_accuracy": (r_chosen > r_rejected).float().mean().item(),
+                    "epoch": epoch,
+                    "time/step_s": time.perf_counter() - t0,
+                })

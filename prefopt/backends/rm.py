@@ -1,0 +1,107 @@
+"""Reward model: a LoRA adapter + scalar score head on the shared base, trained with the Bradley–Terry loss.
+
+The score of (prompt, response) is the head applied to the hidden state of the last response token
+(Ouyang et al. 2022; Stiennon et al. 2020). It trains on exactly the pairs DPO trains on.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from prefopt.backends._common import StepCallback, adamw, check_config, encode_pairs, minibatches, no_op
+from prefopt.backends.losses import bradley_terry_loss
+from prefopt.data.records import PreferencePair, Prompt
+from prefopt.models.ops import encode_prompts, encode_responses, hidden_states, last_token_hidden, make_batch
+from prefopt.models.shared import SharedBase
+
+
+@dataclass
+class RewardConfig:
+    learning_rate: float = field(default=2e-4, metadata={"help": "AdamW learning rate for the LoRA adapter and head.", "positive": True})
+    epochs: int = field(default=1, metadata={"help": "Passes over the preference pairs.", "positive": True})
+    batch_size: int = field(default=16, metadata={"help": "Pairs per optimisation step.", "positive": True})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm.", "positive": True})
+    max_prompt_tokens: int = field(default=64, metadata={"help": "Prompts keep their last N tokens.", "positive": True})
+    max_response_tokens: int = field(default=64, metadata={"help": "Responses are cut to N tokens.", "positive": True})
+    role: str = field(default="rm", metadata={"help": "Adapter name of the reward model on the shared base."})
+    seed: int = field(default=0, metadata={"help": "Seed for shuffling."})
+
+    def __post_init__(self):
+        check_config(self)
+
+
+class RewardModel:
+    """A trained reward model: scores token ids (fast path, same tokenizer) or text (re-tokenised)."""
+
+    def __init__(self, shared: SharedBase, cfg: RewardConfig, batch_size: int = 32):
+        self.shared, self.cfg, self.batch_size = shared, cfg, batch_size
+        self.name = f"rm:{cfg.role}"
+
+    @torch.no_grad()
+    def score_ids(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        out = []
+        pad = self.shared.tokenizer.pad_token_id
+        with self.shared.role(self.cfg.role) as lm:
+            for i in range(0, len(prompt_ids), self.batch_size):
+                batch = make_batch(prompt_ids[i : i + self.batch_size], response_ids[i : i + self.batch_size], pad, self.shared.device)
+                out.append(_scores(self.shared.heads[self.cfg.role], lm, batch).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
+        """Text interface (any tokenizer upstream): (prompts, responses) -> scores."""
+        tok = self.shared.tokenizer
+        p = encode_prompts(prompts, tok, self.cfg.max_prompt_tokens)
+        r = encode_responses(responses, tok, self.cfg.max_response_tokens, add_eos=False)
+        return self.score_ids(p, r).tolist()
+
+
+def _scores(head: torch.nn.Module, lm, batch) -> torch.Tensor:
+    """(B,) scores: the score head on the last real token's hidden state."""
+    h = last_token_hidden(hidden_states(lm, batch), batch)  # (B, H)
+    return head(h.float()).squeeze(-1)
+
+
+def train(
+    shared: SharedBase, pairs: Sequence[PreferencePair], cfg: RewardConfig, *, on_step: StepCallback = no_op
+) -> RewardModel:
+    if cfg.role not in shared.roles:
+        shared.add_role(cfg.role, head=True)
+    tok = shared.tokenizer
+    data = encode_pairs(pairs, tok, cfg.max_prompt_tokens, cfg.max_response_tokens)
+    params = shared.adapter_parameters(cfg.role)
+    opt = adamw(params, cfg.learning_rate)
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    step = 0
+    with shared.role(cfg.role) as lm:
+        for epoch in range(cfg.epochs):
+            for idx in minibatches(len(data), cfg.batch_size, rng):
+                t0 = time.perf_counter()
+                # chosen and rejected in one forward: rows [0, B) chosen, [B, 2B) rejected
+                prompts = [data.prompt_ids[i] for i in idx] * 2
+                responses = [data.chosen_ids[i] for i in idx] + [data.rejected_ids[i] for i in idx]
+                batch = make_batch(prompts, responses, tok.pad_token_id, shared.device)
+                scores = _scores(shared.heads[cfg.role], lm, batch)  # (2B,)
+                chosen, rejected = scores[: len(idx)], scores[len(idx) :]
+                margin = None
+                if any(data.margins[i] is not None for i in idx):
+                    margin = torch.tensor([data.margins[i] or 0.0 for i in idx], device=scores.device)
+                loss = bradley_terry_loss(chosen, rejected, margin).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt.step()
+                step += 1
+                on_step(step, {
+                    "train/loss": loss.item(),
+                    "train/reward_accuracy": (chosen > rejected).float().mean().item(),
+                    "train/reward_margin": (chosen - rejected).mean().item(),
+                    "epoch": epoch,
+                    "time/step_s": time.perf_counter() - t0,
+                })
+    return RewardModel(shared, cfg)

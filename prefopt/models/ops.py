@@ -1,0 +1,224 @@
+"""Tensor plumbing shared by every backend: batching (prompt, response) token ids, log-probs, sampling.
+
+Layout of a batch (P = widest prompt, R = widest response)::
+
+    input_ids  = [pad .. pad | prompt ] [ response | pad .. pad ]     (B, P + R)
+                  left-padded prompts      right-padded responses
+
+Masks come from *lengths*, never from token ids: SmolLM2's pad token is its EOS token, so an EOS the model
+emitted and a pad look the same. ``position_ids`` count only real tokens, so left padding does not shift
+positions (generation does the same).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from prefopt.data.records import Prompt
+
+
+@dataclass
+class SeqBatch:
+    input_ids: torch.Tensor  # (B, P+R)
+    attention_mask: torch.Tensor  # (B, P+R)
+    position_ids: torch.Tensor  # (B, P+R)
+    response_ids: torch.Tensor  # (B, R)
+    response_mask: torch.Tensor  # (B, R) float, 1.0 on real response tokens
+    response_lengths: torch.Tensor  # (B,) long
+    prompt_width: int  # P
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def make_batch(
+    prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], pad_id: int, device
+) -> SeqBatch:
+    if len(prompt_ids) != len(response_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
+    B = len(prompt_ids)
+    P = max(len(p) for p in prompt_ids)
+    R = max(max(len(r) for r in response_ids), 1)
+    ids = torch.full((B, P + R), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, P + R), dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        if len(p) == 0:
+            raise ValueError("empty prompt: every prompt needs at least one token")
+        ids[i, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
+        attn[i, P - len(p) : P] = 1
+        if len(r):
+            ids[i, P : P + len(r)] = torch.tensor(r, dtype=torch.long)
+            attn[i, P : P + len(r)] = 1
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    lengths = torch.tensor([len(r) for r in response_ids], dtype=torch.long)
+    resp_mask = (torch.arange(R)[None, :] < lengths[:, None]).float()
+    return SeqBatch(
+        input_ids=ids.to(device),
+        attention_mask=attn.to(device),
+        position_ids=pos.to(device),
+        response_ids=ids[:, P:].to(device),
+        response_mask=resp_mask.to(device),
+        response_lengths=lengths.to(device),
+        prompt_width=P,
+    )
+
+
+def hidden_states(lm, batch: SeqBatch) -> torch.Tensor:
+    """Last hidden states of the decoder (after the final norm): (B, P+R, H)."""
+    out = lm.get_decoder()(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    )
+    return out.last_hidden_state
+
+
+def response_hidden(hidden: torch.Tensor, batch: SeqBatch) -> torch.Tensor:
+    """The states that *predict* each response token: positions P-1 .. P+R-2. (B, R, H)"""
+    P = batch.prompt_width
+    R = batch.response_ids.shape[1]
+    return hidden[:, P - 1 : P + R - 1]
+
+
+def response_logits(lm, hidden: torch.Tensor, batch: SeqBatch, temperature: float = 1.0) -> torch.Tensor:
+    """Logits for the response tokens only, divided by the sampling temperature: (B, R, V) in fp32.
+
+    Only R positions go through the LM head (the biggest matmul in a 135M model with a 49k vocab).
+    """
+    logits = lm.get_output_embeddings()(response_hidden(hidden, batch)).float()
+    return logits / temperature
+
+
+def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[tokens]: (B, R, V), (B, R) -> (B, R)."""
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Per-token entropy of the categorical given by logits: (B, R, V) -> (B, R)."""
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def response_logprobs(lm, batch: SeqBatch, temperature: float = 1.0) -> torch.Tensor:
+    """Per-token log-probs of the response tokens under ``lm`` (active adapter): (B, R), zero on padding."""
+    logits = response_logits(lm, hidden_states(lm, batch), batch, temperature)
+    return gather_logprobs(logits, batch.response_ids) * batch.response_mask
+
+
+def last_token_hidden(hidden: torch.Tensor, batch: SeqBatch) -> torch.Tensor:
+    """Hidden state at each sequence's last real token (prompt end if the response is empty): (B, H)."""
+    idx = batch.prompt_width + batch.response_lengths - 1  # (B,)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+
+
+def render_prompt(prompt: Prompt, tokenizer) -> str:
+    """Text the model sees: plain prompts as is, conversations through the tokenizer's chat template."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+
+
+def encode_prompts(prompts: Sequence[Prompt], tokenizer, max_tokens: int) -> list[list[int]]:
+    """Token ids of rendered prompts, keeping the *last* ``max_tokens`` (the end of a prompt matters most)."""
+    out = []
+    for p in prompts:
+        ids = tokenizer(render_prompt(p, tokenizer), add_special_tokens=False).input_ids
+        out.append(ids[-max_tokens:] if max_tokens else ids)
+    return out
+
+
+def encode_responses(texts: Sequence[str], tokenizer, max_tokens: int, *, add_eos: Sequence[bool] | bool = True):
+    """Token ids of response texts, truncated to ``max_tokens``; EOS appended where the response ended."""
+    flags = [add_eos] * len(texts) if isinstance(add_eos, bool) else list(add_eos)
+    out = []
+    for text, eos in zip(texts, flags):
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        if eos:
+            ids = ids + [tokenizer.eos_token_id]
+        out.append(ids[:max_tokens])
+    return out
+
+
+@torch.no_grad()
+def sample(
+    lm,
+    tokenizer,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    on_batch=None,
+) -> list[list[int]]:
+    """Sample one response per prompt (pure sampling: no top-k/top-p, so log-probs under ``temperature`` are the
+    sampling distribution). A response is cut after its first EOS (kept: ending is an action). Batch ``j`` is
+    seeded with ``seed + j``, so the same prompts and seed give the same noise to every policy.
+    """
+    from transformers import GenerationConfig
+
+    gen_cfg = GenerationConfig(
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    device = next(lm.parameters()).device
+    eos = tokenizer.eos_token_id
+    responses: list[list[int]] = []
+    for j, start in enumerate(range(0, len(prompt_ids), batch_size)):
+        chunk = prompt_ids[start : start + batch_size]
+        P = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), P), tokenizer.pad_token_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, p in enumerate(chunk):
+            ids[i, P - len(p) :] = torch.tensor(p)
+            attn[i, P - len(p) :] = 1
+        torch.manual_seed(seed + j)
+        out = lm.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gen_cfg)
+        for row in out[:, P:].tolist():
+            cut = row.index(eos) + 1 if eos in row else len(row)
+            responses.append(row[:cut])
+        if on_batch is not None:
+            on_batch(len(chunk))
+    return responses
+
+
+def ends_with_eos(response_ids: Sequence[Sequence[int]], eos_id: int) -> list[bool]:
+    return [len(r) > 0 and r[-1] == eos_id for r in response_ids]
+
+
+def decode_responses(response_ids: Sequence[Sequence[int]], tokenizer) -> list[str]:
+    return tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return torch.where(mask.bool(), x, torch.zeros_like(x)).sum(dim)
+
+
+__all__ = [
+    "SeqBatch",
+    "make_batch",
+    "hidden_states",
+    "response_hidden",
+    "response_logits",
+    "gather_logprobs",
+    "entropy_from_logits",
+    "response_logprobs",
+    "last_token_hidden",
+    "render_prompt",
+    "encode_prompts",
+    "encode_responses",
+    "sample",
+    "ends_with_eos",
+    "decode_responses",
+    "masked_sum",
+]

@@ -1,0 +1,139 @@
+"""One frozen base, one LoRA config, a named adapter per role.
+
+Every policy (PPO, DPO, ...) and the reward model are LoRA adapters on the *same* base weights, created from
+the *same* :class:`LoraSettings`. The reference policy is the base with adapters disabled, so it costs no
+memory and is identical for every method. Scalar heads (reward-model score, PPO value) are small linear layers
+kept beside the adapters.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LoraSettings:
+    """The LoRA config every policy and the reward model use (one config: comparisons stay fair)."""
+
+    r: int = field(default=16, metadata={"help": "LoRA rank."})
+    alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout; 0 keeps log-probs deterministic (PPO needs that)."})
+    target_modules: str | list[str] = field(
+        default="all-linear", metadata={"help": "Modules to adapt; 'all-linear' = every linear layer but the LM head."}
+    )
+
+    def __post_init__(self):
+        if self.r <= 0:
+            raise ValueError(f"lora.r must be positive, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+    def to_peft(self):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.target_modules,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+
+
+class SharedBase:
+    """A frozen causal LM with named LoRA roles and optional scalar heads.
+
+    >>> shared = SharedBase(lm, tok, LoraSettings())
+    >>> shared.add_role("dpo"); shared.add_role("rm", head=True)
+    >>> with shared.role("dpo"): ...        # the DPO policy
+    >>> with shared.reference(): ...       # base, adapters off
+    """
+
+    def __init__(self, lm, tokenizer, lora: LoraSettings):
+        self.tokenizer = tokenizer
+        self.lora = lora
+        self.peft = None
+        self._lm = lm  # the (LoRA-injected once roles exist) LlamaForCausalLM-like module
+        self.heads = nn.ModuleDict()
+        self.roles: list[str] = []
+        lm.requires_grad_(False)
+        lm.eval()
+
+    @property
+    def lm(self):
+        """The causal LM with LoRA layers injected in place: calls use the active role's adapter."""
+        return self._lm
+
+    @property
+    def device(self) -> torch.device:
+        return next(self._lm.parameters()).device
+
+    @property
+    def hidden_size(self) -> int:
+        return self._lm.get_output_embeddings().weight.shape[1]
+
+    def add_role(self, name: str, *, head: bool = False) -> None:
+        """Add a fresh LoRA adapter ``name`` (same LoraSettings as every other role), plus a scalar head."""
+        if name in self.roles:
+            raise ValueError(f"role {name!r} already exists")
+        from peft import get_peft_model
+
+        if self.peft is None:
+            self.peft = get_peft_model(self._lm, self.lora.to_peft(), adapter_name=name)
+            self._lm = self.peft.get_base_model()
+        else:
+            self.peft.add_adapter(name, self.lora.to_peft())
+        self.roles.append(name)
+        if head:
+            lin = nn.Linear(self.hidden_size, 1, device=self.device, dtype=torch.float32)
+            nn.init.normal_(lin.weight, std=1.0 / (self.hidden_size + 1) ** 0.5)
+            nn.init.zeros_(lin.bias)
+            self.heads[name] = lin
+        self._lm.eval()  # dropout stays off everywhere
+
+    @contextmanager
+    def role(self, name: str):
+        """Run the base with role ``name``'s adapter active."""
+        if name not in self.roles:
+            raise KeyError(f"unknown role {name!r}; roles: {self.roles}")
+        prev = self.peft.active_adapter
+        self.peft.set_adapter(name)
+        try:
+            yield self._lm
+        finally:
+            self.peft.set_adapter(prev)
+
+    @contextmanager
+    def reference(self):
+        """Run the base with every adapter disabled: the reference policy pi_ref."""
+        if self.peft is None:
+            yield self._lm
+            return
+        with self.peft.disable_adapter():
+            yield self._lm
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """The trainable parameters of role ``name``: its LoRA matrices and its head (if any)."""
+        params = [p for n, p in self.peft.named_parameters() if f".{name}." in n and "lora_" in n]
+        if not params:
+            raise KeyError(f"role {name!r} has no LoRA parameters")
+        if name in self.heads:
+            params += list(self.heads[name].parameters())
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        """A detached copy of a role's weights (adapter + head), for checks and checkpoints."""
+        state = {n: p.detach().clone() for n, p in self.peft.named_parameters() if f".{name}." in n and "lora_" in n}
+        if name in self.heads:
+            state.update({f"head.{k}": v.detach().clone() for k, v in self.heads[name].state_dict().items()})
+        return state
+
+    def base_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self._lm.named_parameters() if "lora_" not in n}
