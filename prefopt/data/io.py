@@ -1,0 +1,460 @@
+"""Load preference pairs and prompts from local files or the Hugging Face hub.
+
+Every row is adapted into a :class:`PreferencePair` / :class:`PromptRecord` by one small
+function per source format, picked per row from its keys, so mixed files work and a new format
+is one more adapter.  Rows are never dropped silently: anything unusable raises a
+:class:`DataError` whose message is a single line naming the file, the line (JSONL/CSV, 1-based
+physical lines) or row (JSON arrays, parquet, hub; 1-based), the field and what to do.  Only
+blank lines of a JSONL file, and empty lines of a CSV file, are skipped: they hold no row.
+
+This module deliberately avoids torch; ``datasets`` and ``pyarrow`` are imported only when a
+hub dataset or a parquet file is actually read, to keep ``import prefopt.data`` cheap.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import math
+import os
+import random
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from prefopt.data.records import DataError, Message, PreferencePair, Prompt, PromptRecord
+
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+"""Local file types understood by the loaders (matched case-insensitively)."""
+
+ASSISTANT_MARKER = "\n\nAssistant:"
+"""Turn marker of Anthropic-HH-style transcripts; the prompt ends with the last shared one."""
+
+_PAIR_FIELDS = ("prompt", "chosen", "rejected", "margin")
+_PAIR_HINT = "each row needs prompt/chosen/rejected (or chosen/rejected sharing a prompt prefix)"
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+_HTML_TAG = re.compile(r"<[^>]*>")
+
+Row = dict[str, Any]
+Located = tuple[str, Row]
+"""A row with its location prefix for error messages, e.g. ``"data.jsonl:7"``."""
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def load_pairs(source: str | os.PathLike[str], *, split: str = "train") -> list[PreferencePair]:
+    """Load preference pairs from a .jsonl/.json/.csv/.parquet file or a hub dataset name.
+
+    Accepted row shapes (decided per row by its keys):
+
+    * explicit prompt: ``{"prompt", "chosen", "rejected"}`` with strings (TRL standard) or
+      message lists (TRL conversational; the responses become the content of the last
+      assistant message of ``chosen`` / ``rejected``);
+    * implicit prompt: ``{"chosen", "rejected"}`` holding two full Anthropic-HH transcripts or
+      two message lists that differ only in the final assistant message.
+
+    An optional numeric ``margin`` becomes :attr:`PreferencePair.margin`; every other column is
+    kept in ``meta``.  ``split`` only matters for hub datasets.
+    """
+    return [_pair_from_row(row, loc) for loc, row in _read_rows(source, split)]
+
+
+def load_prompts(
+    source: str | os.PathLike[str],
+    *,
+    split: str = "train",
+    field: str | None = None,
+    prefix_words: tuple[int, int] | None = None,
+    seed: int = 0,
+) -> list[PromptRecord]:
+    """Load prompts from a file or hub dataset (same sources as :func:`load_pairs`).
+
+    The prompt is read from column ``field`` (default ``"prompt"``).  With
+    ``prefix_words=(lo, hi)`` the column is treated as a text corpus instead, as in the DPO
+    paper's IMDb task: HTML tags are stripped, whitespace collapsed, and the prompt is the first
+    ``n`` words with ``n ~ Uniform{lo..hi}`` drawn from one ``random.Random(seed)`` per row in
+    file order, so the same seed always yields the same prompts.  Other columns go to ``meta``.
+    """
+    if prefix_words is not None:
+        lo, hi = prefix_words
+        if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
+            raise ValueError(f"prefix_words must be (lo, hi) with 1 <= lo <= hi, got {prefix_words!r}")
+    name = field or "prompt"
+    rng = random.Random(seed)
+    records: list[PromptRecord] = []
+    for loc, row in _read_rows(source, split):
+        if row.get(name) is None:
+            columns = ", ".join(str(key) for key in row) or "none"
+            raise DataError(
+                f"{loc}: field '{name}' is missing (columns: {columns}): "
+                "name the column that holds the prompt with `field`"
+            )
+        meta = {key: value for key, value in row.items() if key != name}
+        if prefix_words is None:
+            prompt: Prompt = _prompt(row[name], name, loc)
+        else:
+            prompt = _text_prefix(row[name], name, loc, prefix_words, rng)
+        records.append(PromptRecord(prompt=prompt, meta=meta))
+    return records
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _read_rows(source: str | os.PathLike[str], split: str) -> list[Located]:
+    """Read all rows of ``source`` with their location labels; never returns an empty list."""
+    label = os.fspath(source)
+    path = _local_path(source)
+    if path is None:
+        rows = _hub_rows(label, split)
+        where = f"dataset '{label}' (split '{split}')"
+    else:
+        suffix = path.suffix.lower()
+        if suffix == ".parquet":
+            rows = _parquet_rows(path, label)
+        else:
+            text = _read_text(path, label)
+            if suffix == ".csv":
+                rows = _csv_rows(text, label)
+            elif suffix == ".json" and text.lstrip().startswith("["):
+                rows = _json_array_rows(text, label)
+            else:  # .jsonl, or a .json file holding JSON lines
+                rows = _jsonl_rows(text, label)
+        where = label
+    if not rows:
+        raise DataError(f"{where}: no rows: the source is empty, add at least one row")
+    return rows
+
+
+def _local_path(source: str | os.PathLike[str]) -> Path | None:
+    """Return the file to read, or ``None`` when ``source`` names a hub dataset.
+
+    Anything that is not an existing path is a hub name unless it *looks* like a path (a known
+    suffix, a leading ``.``/``/``/``~``, a backslash or more than one ``/``): hub ids are
+    ``name`` or ``owner/name``, so a mistyped local path gets "file not found" instead of a
+    confusing hub error.
+    """
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.exists():
+        if path.is_dir():
+            raise DataError(f"{text}: is a directory: pass a .jsonl/.json/.csv/.parquet file")
+        if path.suffix.lower() not in SUFFIXES:
+            raise DataError(
+                f"{text}: unsupported file type '{path.suffix}': use .jsonl, .json, .csv or .parquet"
+            )
+        return path
+    looks_like_path = (
+        not isinstance(source, str)
+        or path.suffix.lower() in SUFFIXES
+        or text.startswith((".", "/", "~"))
+        or "\\" in text
+        or text.count("/") > 1
+        or not _HUB_ID.match(text)
+    )
+    if looks_like_path:
+        raise DataError(f"{text}: file not found: check the path (supported: .jsonl, .json, .csv, .parquet)")
+    return None
+
+
+def _hub_rows(name: str, split: str) -> list[Located]:
+    """Load a hub dataset; every failure (offline, unknown name, bad split) becomes a DataError."""
+    try:
+        import datasets
+
+        dataset = datasets.load_dataset(name, split=split)
+        return [(f"{name} row {i}", dict(row)) for i, row in enumerate(dataset, 1)]
+    except Exception as exc:  # any hub failure has the same remedy
+        raise DataError(
+            f"could not load dataset '{name}' from the hub ({_one_line(exc)}): "
+            "pass a local .jsonl/.csv/.parquet file instead"
+        ) from exc
+
+
+def _read_text(path: Path, label: str) -> str:
+    """Read a UTF-8 text file (a leading BOM, as Excel writes, is dropped)."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{label}: not valid UTF-8 ({exc.reason} at byte {exc.start}): re-save the file as UTF-8"
+        ) from exc
+
+
+def _jsonl_rows(text: str, label: str) -> list[Located]:
+    """Parse JSON lines; labels carry the 1-based physical line number."""
+    rows: list[Located] = []
+    # StringIO splits on "\n" only, unlike str.splitlines(), which would also split inside JSON
+    # strings holding U+2028 and shift every later line number.
+    for lineno, line in enumerate(io.StringIO(text), 1):
+        if not line.strip():
+            continue
+        loc = f"{label}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{loc}: invalid JSON ({exc.msg} at column {exc.colno}): fix or remove the line"
+            ) from exc
+        rows.append((loc, _as_object(obj, loc)))
+    return rows
+
+
+def _json_array_rows(text: str, label: str) -> list[Located]:
+    """Parse a ``.json`` file holding one array of objects; labels are 1-based item numbers."""
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"{label}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno}): fix the file"
+        ) from exc
+    return [(f"{label} row {i}", _as_object(obj, f"{label} row {i}")) for i, obj in enumerate(items, 1)]
+
+
+def _as_object(obj: Any, loc: str) -> Row:
+    if not isinstance(obj, dict):
+        raise DataError(f"{loc}: expected a JSON object with named fields, got {type(obj).__name__}")
+    return obj
+
+
+def _csv_rows(text: str, label: str) -> list[Located]:
+    """Parse CSV with a header; labels carry the physical line where each record starts.
+
+    All cells are text, so an empty ``margin`` cell means "no margin" and a numeric one is
+    converted here; a row with a different number of cells than the header is an error rather
+    than being padded or truncated.
+    """
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows: list[Located] = []
+    header: list[str] | None = None
+    while True:
+        start = reader.line_num + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            raise DataError(f"{label}:{start}: malformed CSV ({_one_line(exc)}): fix the quoting") from exc
+        if not cells:
+            continue
+        if header is None:
+            header = cells
+            continue
+        loc = f"{label}:{start}"
+        if len(cells) != len(header):
+            raise DataError(
+                f"{loc}: row has {len(cells)} cells but the header has {len(header)} "
+                f"({', '.join(header)}): fix the quoting or the row"
+            )
+        row: Row = dict(zip(header, cells, strict=True))
+        if "margin" in row:
+            row["margin"] = _csv_number(row["margin"])
+        rows.append((loc, row))
+    return rows
+
+
+def _csv_number(cell: str) -> float | str | None:
+    """Convert a CSV cell to a float; an empty cell is ``None``, anything else stays for errors."""
+    if not cell.strip():
+        return None
+    try:
+        return float(cell)
+    except ValueError:
+        return cell
+
+
+def _parquet_rows(path: Path, label: str) -> list[Located]:
+    """Read a parquet file into plain Python rows (``to_pylist`` avoids numpy scalars/arrays)."""
+    try:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+    except Exception as exc:  # corrupt file, wrong format, missing pyarrow
+        raise DataError(f"{label}: could not read parquet ({_one_line(exc)}): check the file") from exc
+    return [(f"{label} row {i}", row) for i, row in enumerate(table.to_pylist(), 1)]
+
+
+# --------------------------------------------------------------------------- pair adapters
+
+
+def _pair_from_row(row: Row, loc: str) -> PreferencePair:
+    """Pick the adapter for one row from its keys."""
+    if "prompt" in row:
+        return _explicit_pair(row, loc)
+    return _implicit_pair(row, loc)
+
+
+def _explicit_pair(row: Row, loc: str) -> PreferencePair:
+    """TRL standard (strings) or conversational (message lists) rows with a ``prompt`` field."""
+    for name in ("prompt", "chosen", "rejected"):
+        _require(row, name, loc)
+    prompt = _prompt(row["prompt"], "prompt", loc)
+    chosen = _response(row["chosen"], "chosen", loc)
+    rejected = _response(row["rejected"], "rejected", loc)
+    return _make_pair(prompt, chosen, rejected, row, loc)
+
+
+def _implicit_pair(row: Row, loc: str) -> PreferencePair:
+    """Rows whose prompt is the shared beginning of ``chosen`` and ``rejected``."""
+    for name in ("chosen", "rejected"):
+        _require(row, name, loc)
+    chosen, rejected = row["chosen"], row["rejected"]
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        prompt, chosen_text, rejected_text = _split_transcripts(chosen, rejected, loc)
+        return _make_pair(prompt, chosen_text, rejected_text, row, loc)
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        prompt_msgs, chosen_text, rejected_text = _split_conversations(chosen, rejected, loc)
+        return _make_pair(prompt_msgs, chosen_text, rejected_text, row, loc)
+    for name, value in (("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(value, (str, list)):
+            raise _type_error(name, value, loc)
+    raise DataError(
+        f"{loc}: fields 'chosen' and 'rejected' must both be strings or both message lists: "
+        "make them the same kind"
+    )
+
+
+def _split_transcripts(chosen: str, rejected: str, loc: str) -> tuple[str, str, str]:
+    """Split two Anthropic-HH transcripts at the last assistant marker they share."""
+    common = os.path.commonprefix([chosen, rejected])
+    cut = common.rfind(ASSISTANT_MARKER)
+    if cut < 0:
+        raise DataError(
+            f"{loc}: fields 'chosen' and 'rejected' share no prompt prefix ending in "
+            "'\\n\\nAssistant:': add an explicit 'prompt' field"
+        )
+    end = cut + len(ASSISTANT_MARKER)
+    return chosen[:end], chosen[end:].lstrip(), rejected[end:].lstrip()
+
+
+def _split_conversations(chosen: list, rejected: list, loc: str) -> tuple[list[Message], str, str]:
+    """Split two message lists that must differ only in their final assistant message."""
+    chosen_msgs = _messages(chosen, "chosen", loc)
+    rejected_msgs = _messages(rejected, "rejected", loc)
+    for name, msgs in (("chosen", chosen_msgs), ("rejected", rejected_msgs)):
+        if msgs[-1]["role"] != "assistant":
+            raise DataError(f"{loc}: field '{name}' must end with an assistant message: fix the row")
+    prompt = chosen_msgs[:-1]
+    if not prompt or prompt != rejected_msgs[:-1]:
+        raise DataError(
+            f"{loc}: fields 'chosen' and 'rejected' must be the same non-empty conversation except "
+            "for the final assistant message: add an explicit 'prompt' field"
+        )
+    return prompt, chosen_msgs[-1]["content"], rejected_msgs[-1]["content"]
+
+
+def _make_pair(prompt: Prompt, chosen: str, rejected: str, row: Row, loc: str) -> PreferencePair:
+    """Final checks shared by all adapters, then build the pair with margin and meta."""
+    for name, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text.strip():
+            raise DataError(f"{loc}: field '{name}' is empty: every pair needs two non-empty responses")
+    if chosen == rejected:
+        raise DataError(
+            f"{loc}: fields 'chosen' and 'rejected' are identical: a pair needs two different responses"
+        )
+    meta = {key: value for key, value in row.items() if key not in _PAIR_FIELDS}
+    return PreferencePair(prompt, chosen, rejected, margin=_margin(row, loc), meta=meta)
+
+
+def _margin(row: Row, loc: str) -> float | None:
+    value = row.get("margin")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(
+            f"{loc}: field 'margin' must be a finite number, got {_short(value)}: fix or remove it"
+        )
+    return float(value)
+
+
+# --------------------------------------------------------------------------- field helpers
+
+
+def _require(row: Row, name: str, loc: str) -> None:
+    if row.get(name) is None:
+        raise DataError(f"{loc}: field '{name}' is missing: {_PAIR_HINT}")
+
+
+def _type_error(name: str, value: Any, loc: str) -> DataError:
+    return DataError(
+        f"{loc}: field '{name}' must be a string or a list of messages, got {type(value).__name__}"
+    )
+
+
+def _prompt(value: Any, name: str, loc: str) -> Prompt:
+    """A prompt: non-empty text or a non-empty message list."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{loc}: field '{name}' is empty: every row needs a prompt")
+        return value
+    if isinstance(value, list):
+        return _messages(value, name, loc)
+    raise _type_error(name, value, loc)
+
+
+def _response(value: Any, name: str, loc: str) -> str:
+    """A response: the text itself, or the content of the last assistant message of a list."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise _type_error(name, value, loc)
+    for message in reversed(_messages(value, name, loc)):
+        if message["role"] == "assistant":
+            return message["content"]
+    raise DataError(f"{loc}: field '{name}' has no assistant message: add the response as one")
+
+
+def _messages(value: Iterable[Any], name: str, loc: str) -> list[Message]:
+    """Validate a message list and keep only ``role``/``content`` (stable prompt keys)."""
+    messages: list[Message] = []
+    for i, message in enumerate(value, 1):
+        if not (
+            isinstance(message, dict)
+            and isinstance(message.get("role"), str)
+            and isinstance(message.get("content"), str)
+        ):
+            raise DataError(
+                f"{loc}: field '{name}' message {i} must be an object with string 'role' and "
+                f"'content', got {_short(message)}"
+            )
+        messages.append({"role": message["role"], "content": message["content"]})
+    if not messages:
+        raise DataError(f"{loc}: field '{name}' is empty: it needs at least one message")
+    return messages
+
+
+def _text_prefix(value: Any, name: str, loc: str, prefix_words: tuple[int, int], rng: random.Random) -> str:
+    """The first n words (n drawn from ``rng``) of a cleaned-up text such as an IMDb review."""
+    if not isinstance(value, str):
+        raise DataError(
+            f"{loc}: field '{name}' must be a string to cut word prefixes from, got {type(value).__name__}"
+        )
+    words = clean_text(value).split(" ")
+    if words == [""]:
+        raise DataError(
+            f"{loc}: field '{name}' is empty (no words after removing HTML): fix or remove the row"
+        )
+    n = rng.randint(*prefix_words)
+    return " ".join(words[:n])
+
+
+def clean_text(text: str) -> str:
+    """Strip HTML tags (IMDb reviews contain ``<br />``), unescape entities, collapse whitespace."""
+    return " ".join(html.unescape(_HTML_TAG.sub(" ", text)).split())
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """A one-line, bounded repr for error messages (repr escapes newlines)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    """Condense an exception to one bounded line so wrapped errors keep DataError's contract."""
+    detail = " ".join(str(exc).split())
+    text = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

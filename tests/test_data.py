@@ -1,0 +1,530 @@
+"""Tests for loaders, the sentiment prompt set and splits (prefopt.data.io/tasks/split/records)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from prefopt.data import (
+    DataError,
+    PreferencePair,
+    PromptRecord,
+    holdout_pairs,
+    load_pairs,
+    load_prompts,
+    prompt_key,
+    prompts_from_pairs,
+    sentiment_prompts,
+    split_prompts,
+)
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def write_parquet(path: Path, rows: list[dict]) -> Path:
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def data_error(fn, *args, **kwargs) -> str:
+    """Run ``fn`` expecting a DataError; return its message after checking it is one line."""
+    with pytest.raises(DataError) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message and message.strip() == message, message
+    return message
+
+
+HH_CHOSEN = (
+    "\n\nHuman: What is a good name for a cat?\n\nAssistant: How about Miso?"
+    "\n\nHuman: Something longer?\n\nAssistant: I think Sir Pounce-a-lot works."
+)
+HH_REJECTED = (
+    "\n\nHuman: What is a good name for a cat?\n\nAssistant: How about Miso?"
+    "\n\nHuman: Something longer?\n\nAssistant: I think Cat."
+)
+HH_PROMPT = (
+    "\n\nHuman: What is a good name for a cat?\n\nAssistant: How about Miso?"
+    "\n\nHuman: Something longer?\n\nAssistant:"
+)
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+def test_trl_standard_row(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Say hi.", "chosen": " Hi!", "rejected": "No."}])
+    assert load_pairs(path) == [PreferencePair(prompt="Say hi.", chosen=" Hi!", rejected="No.")]
+
+
+def test_trl_conversational_row(tmp_path: Path) -> None:
+    row = {
+        "prompt": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Capital of France?"},
+        ],
+        "chosen": [{"role": "assistant", "content": "Paris."}],
+        "rejected": [{"role": "assistant", "content": "Lyon."}],
+    }
+    path = write_jsonl(tmp_path / "d.jsonl", [row])
+    assert load_pairs(path) == [
+        PreferencePair(
+            prompt=[
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Capital of France?"},
+            ],
+            chosen="Paris.",
+            rejected="Lyon.",
+        )
+    ]
+
+
+def test_trl_conversational_takes_last_assistant_message(tmp_path: Path) -> None:
+    row = {
+        "prompt": [{"role": "user", "content": "Q?"}],
+        "chosen": [
+            {"role": "assistant", "content": "draft"},
+            {"role": "user", "content": "again"},
+            {"role": "assistant", "content": "final", "name": "bot"},
+        ],
+        "rejected": [{"role": "assistant", "content": "other"}],
+    }
+    [pair] = load_pairs(write_jsonl(tmp_path / "d.jsonl", [row]))
+    assert (pair.chosen, pair.rejected) == ("final", "other")
+
+
+def test_hh_implicit_string_row(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}])
+    # The responses share "I think", yet the prompt must stop at the last shared marker.
+    assert load_pairs(path) == [
+        PreferencePair(prompt=HH_PROMPT, chosen="I think Sir Pounce-a-lot works.", rejected="I think Cat.")
+    ]
+
+
+def test_hh_conversational_implicit_row(tmp_path: Path) -> None:
+    shared = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello, how can I help?"},
+        {"role": "user", "content": "Name a color."},
+    ]
+    row = {
+        "chosen": shared + [{"role": "assistant", "content": "Blue."}],
+        "rejected": shared + [{"role": "assistant", "content": "No."}],
+    }
+    path = write_jsonl(tmp_path / "c.jsonl", [row])
+    assert load_pairs(path) == [PreferencePair(prompt=shared, chosen="Blue.", rejected="No.")]
+
+
+def test_margin_and_extra_columns_go_to_fields_and_meta(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": "p", "chosen": "a", "rejected": "b", "margin": 2, "id": 7, "source": "web"},
+        {"chosen": HH_CHOSEN, "rejected": HH_REJECTED, "split": "x"},
+    ]
+    first, second = load_pairs(write_jsonl(tmp_path / "m.jsonl", rows))
+    assert first == PreferencePair("p", "a", "b", margin=2.0, meta={"id": 7, "source": "web"})
+    assert isinstance(first.margin, float)
+    assert second.margin is None and second.meta == {"split": "x"}
+
+
+# --------------------------------------------------------------------------- formats
+
+
+ROWS = [
+    {"prompt": "Tell me a joke.", "chosen": "Knock knock.", "rejected": "No.", "margin": 0.5},
+    {"prompt": 'Say, "hi"\nplease', "chosen": "Hi,\nthere", "rejected": "Bye", "margin": 1.0},
+]
+EXPECTED = [
+    PreferencePair("Tell me a joke.", "Knock knock.", "No.", margin=0.5),
+    PreferencePair('Say, "hi"\nplease', "Hi,\nthere", "Bye", margin=1.0),
+]
+
+
+def test_jsonl_round_trip(tmp_path: Path) -> None:
+    assert load_pairs(write_jsonl(tmp_path / "d.jsonl", ROWS)) == EXPECTED
+
+
+def test_json_array_and_json_lines_round_trip(tmp_path: Path) -> None:
+    array = tmp_path / "a.json"
+    array.write_text(json.dumps(ROWS, indent=2), encoding="utf-8")
+    assert load_pairs(array) == EXPECTED
+    assert load_pairs(write_jsonl(tmp_path / "l.json", ROWS)) == EXPECTED
+
+
+def test_csv_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text(
+        'prompt,chosen,rejected,margin\nTell me a joke.,Knock knock.,No.,0.5\n"Say, ""hi""\nplease","Hi,\nthere",Bye,1\n',
+        encoding="utf-8",
+    )
+    assert load_pairs(path) == EXPECTED
+
+
+def test_csv_empty_margin_cell_means_none(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("prompt,chosen,rejected,margin,id\np,a,b,,x1\n", encoding="utf-8")
+    assert load_pairs(path) == [PreferencePair("p", "a", "b", margin=None, meta={"id": "x1"})]
+
+
+def test_parquet_round_trip(tmp_path: Path) -> None:
+    assert load_pairs(write_parquet(tmp_path / "d.parquet", ROWS)) == EXPECTED
+
+
+def test_parquet_conversational_round_trip(tmp_path: Path) -> None:
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": "Q1"}],
+            "chosen": [{"role": "assistant", "content": "good"}],
+            "rejected": [{"role": "assistant", "content": "bad"}],
+        }
+    ]
+    assert load_pairs(write_parquet(tmp_path / "c.parquet", rows)) == [
+        PreferencePair([{"role": "user", "content": "Q1"}], "good", "bad")
+    ]
+
+
+def test_hub_source_uses_datasets_load_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def fake_load_dataset(name: str, split: str):
+        calls.append((name, split))
+        return [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=fake_load_dataset))
+    pairs = load_pairs("Anthropic/hh-rlhf", split="test")
+    assert calls == [("Anthropic/hh-rlhf", "test")]
+    assert pairs == [PreferencePair(HH_PROMPT, "I think Sir Pounce-a-lot works.", "I think Cat.")]
+
+
+def test_hub_failure_is_a_one_line_data_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake_load_dataset(name: str, split: str):
+        raise ConnectionError("Couldn't reach the Hub\nretry later")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=fake_load_dataset))
+    message = data_error(load_pairs, "someone/prefs")
+    assert "could not load dataset 'someone/prefs' from the hub" in message
+    assert "Couldn't reach the Hub" in message and "local .jsonl" in message
+
+
+def test_hub_bad_row_names_the_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a"}]
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda name, split: rows))
+    message = data_error(load_pairs, "someone/prefs")
+    assert "row 2" in message and "field 'rejected' is missing" in message
+
+
+# --------------------------------------------------------------------------- errors
+
+
+GOOD = {"prompt": "p", "chosen": "a", "rejected": "b"}
+
+
+@pytest.mark.parametrize(
+    ("bad_row", "expected"),
+    [
+        ({"prompt": "p", "chosen": "a"}, ["field 'rejected' is missing", "prompt/chosen/rejected"]),
+        ({"chosen": "a"}, ["field 'rejected' is missing"]),
+        ({"text": "a"}, ["field 'chosen' is missing"]),
+        (
+            {"prompt": "p", "chosen": 5, "rejected": "b"},
+            ["field 'chosen' must be a string or a list of messages"],
+        ),
+        ({"prompt": 3, "chosen": "a", "rejected": "b"}, ["field 'prompt' must be a string"]),
+        ({"prompt": "p", "chosen": "a", "rejected": "   "}, ["field 'rejected' is empty"]),
+        ({"prompt": "", "chosen": "a", "rejected": "b"}, ["field 'prompt' is empty"]),
+        ({"prompt": "p", "chosen": "same", "rejected": "same"}, ["'chosen' and 'rejected' are identical"]),
+        (
+            {"chosen": "Human: hi A: x", "rejected": "Human: hi A: y"},
+            ["'chosen' and 'rejected' share no prompt prefix"],
+        ),
+        ({"chosen": HH_PROMPT + " ", "rejected": HH_PROMPT + " Sure."}, ["field 'chosen' is empty"]),
+        (
+            {"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"},
+            ["field 'margin' must be a finite number"],
+        ),
+        ({"prompt": "p", "chosen": "a", "rejected": "b", "margin": True}, ["field 'margin'"]),
+        (
+            {"prompt": "p", "chosen": [{"role": "user", "content": "x"}], "rejected": "b"},
+            ["field 'chosen' has no assistant message"],
+        ),
+        ({"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}, ["field 'prompt' message 1"]),
+        (
+            {
+                "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "b"}],
+            },
+            ["'chosen' and 'rejected' must be the same", "final assistant message"],
+        ),
+        (
+            {"chosen": "text", "rejected": [{"role": "assistant", "content": "x"}]},
+            ["'chosen' and 'rejected' must both be"],
+        ),
+        ([1, 2, 3], ["expected a JSON object"]),
+    ],
+)
+def test_jsonl_row_errors_name_line_and_field(tmp_path: Path, bad_row, expected: list[str]) -> None:
+    # Line 1 good, line 2 blank (still counted), line 3 good, line 4 bad.
+    path = tmp_path / "data.jsonl"
+    path.write_text(
+        json.dumps(GOOD) + "\n\n" + json.dumps(GOOD) + "\n" + json.dumps(bad_row) + "\n",
+        encoding="utf-8",
+    )
+    message = data_error(load_pairs, path)
+    assert message.startswith(f"{path}:4: "), message
+    for part in expected:
+        assert part in message
+
+
+def test_invalid_json_line(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    lines = [json.dumps(GOOD)] * 6 + ['{"prompt": "p" "chosen": "a"}']
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    message = data_error(load_pairs, path)
+    assert message.startswith(f"{path}:7: invalid JSON (Expecting ',' delimiter"), message
+    assert message.endswith("fix or remove the line")
+
+
+def test_invalid_json_array_reports_line(tmp_path: Path) -> None:
+    path = tmp_path / "data.json"
+    path.write_text('[\n {"prompt": "p",\n  "chosen": "a"\n  "rejected": "b"}\n]', encoding="utf-8")
+    assert data_error(load_pairs, path).startswith(f"{path}:4: invalid JSON")
+
+
+def test_json_array_bad_item_names_row(tmp_path: Path) -> None:
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([GOOD, {"prompt": "p", "chosen": "", "rejected": "b"}]), encoding="utf-8")
+    message = data_error(load_pairs, path)
+    assert message.startswith(f"{path} row 2: field 'chosen' is empty"), message
+
+
+def test_csv_errors_report_physical_lines(tmp_path: Path) -> None:
+    path = tmp_path / "data.csv"
+    # Header line 1, row 1 spans lines 2-3, row 2 on line 4 is bad.
+    path.write_text('prompt,chosen,rejected\np,"multi\nline",b\nq,a,\n', encoding="utf-8")
+    message = data_error(load_pairs, path)
+    assert message.startswith(f"{path}:4: field 'rejected' is empty"), message
+
+
+def test_csv_row_index_plus_two(tmp_path: Path) -> None:
+    path = tmp_path / "data.csv"
+    path.write_text("prompt,chosen,rejected\np,a,b\np,a,b\np,same,same\n", encoding="utf-8")
+    # Row index 2 (0-based) is physical line 4.
+    assert data_error(load_pairs, path).startswith(f"{path}:4: fields 'chosen' and 'rejected' are identical")
+
+
+def test_csv_cell_count_mismatch(tmp_path: Path) -> None:
+    path = tmp_path / "data.csv"
+    path.write_text("prompt,chosen,rejected\np,a,b,extra\n", encoding="utf-8")
+    message = data_error(load_pairs, path)
+    assert message.startswith(f"{path}:2: row has 4 cells but the header has 3"), message
+
+
+def test_csv_bad_margin(tmp_path: Path) -> None:
+    path = tmp_path / "data.csv"
+    path.write_text("prompt,chosen,rejected,margin\np,a,b,1\np,a,b,lots\n", encoding="utf-8")
+    message = data_error(load_pairs, path)
+    assert message.startswith(f"{path}:3: field 'margin' must be a finite number, got 'lots'"), message
+
+
+def test_parquet_errors_name_row(tmp_path: Path) -> None:
+    path = write_parquet(
+        tmp_path / "data.parquet", [GOOD, GOOD, {"prompt": "p", "chosen": "a", "rejected": None}]
+    )
+    message = data_error(load_pairs, path)
+    assert message.startswith(f"{path} row 3: field 'rejected' is missing"), message
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [("e.jsonl", ""), ("e.jsonl", "\n  \n"), ("e.csv", "prompt,chosen,rejected\n"), ("e.json", "[]")],
+)
+def test_empty_sources(tmp_path: Path, name: str, content: str) -> None:
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    assert data_error(load_pairs, path) == f"{path}: no rows: the source is empty, add at least one row"
+
+
+def test_empty_parquet(tmp_path: Path) -> None:
+    path = tmp_path / "e.parquet"
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), path)
+    assert "no rows" in data_error(load_pairs, path)
+
+
+@pytest.mark.parametrize("source", ["missing.jsonl", "./prefs", "data/sub/prefs", "C:\\data\\x"])
+def test_missing_path_like_source_is_file_not_found(
+    source: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    # A hub lookup here would be a bug: make it fail loudly.
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    message = data_error(load_pairs, source)
+    assert message.startswith(f"{source}: file not found"), message
+
+
+def test_missing_pathlib_path_is_file_not_found(tmp_path: Path) -> None:
+    assert "file not found" in data_error(load_pairs, tmp_path / "nothing")
+
+
+def test_unsupported_suffix_and_directory(tmp_path: Path) -> None:
+    text = tmp_path / "d.txt"
+    text.write_text("hello", encoding="utf-8")
+    assert "unsupported file type '.txt'" in data_error(load_pairs, text)
+    assert "is a directory" in data_error(load_pairs, tmp_path)
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def test_load_prompts_default_and_named_field(tmp_path: Path) -> None:
+    path = write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"prompt": "Hello", "question": "Why?", "id": 1},
+            {"prompt": [{"role": "user", "content": "Hi"}], "question": "How?", "id": 2},
+        ],
+    )
+    assert load_prompts(path) == [
+        PromptRecord("Hello", meta={"question": "Why?", "id": 1}),
+        PromptRecord([{"role": "user", "content": "Hi"}], meta={"question": "How?", "id": 2}),
+    ]
+    assert [r.prompt for r in load_prompts(path, field="question")] == ["Why?", "How?"]
+
+
+def test_load_prompts_missing_field_names_columns(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": "a", "label": 1}])
+    message = data_error(load_prompts, path)
+    assert message.startswith(f"{path}:1: field 'prompt' is missing (columns: text, label)"), message
+    assert "field 'body'" in data_error(load_prompts, path, field="body")
+
+
+REVIEW_WORDS = [f"w{i}" for i in range(40)]
+
+
+def write_reviews(path: Path, n: int = 30) -> Path:
+    lines = ["text,label"]
+    for i in range(n):
+        words = [f"r{i}{w}" for w in REVIEW_WORDS]
+        # HTML line breaks and odd spacing, as in IMDb reviews.
+        lines.append(f'"{" ".join(words[:5])}<br /><br />{"   ".join(words[5:])}",{i % 2}')
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_prefix_word_prompts(tmp_path: Path) -> None:
+    path = write_reviews(tmp_path / "imdb.csv")
+    records = load_prompts(path, field="text", prefix_words=(2, 8), seed=3)
+    assert len(records) == 30
+    counts = set()
+    for i, record in enumerate(records):
+        words = record.prompt.split(" ")
+        assert 2 <= len(words) <= 8
+        assert words == [f"r{i}{w}" for w in REVIEW_WORDS[: len(words)]]  # tag gone, words split
+        assert record.meta == {"label": str(i % 2)}
+        counts.add(len(words))
+    assert len(counts) > 3  # n is drawn per row, not once
+    assert load_prompts(path, field="text", prefix_words=(2, 8), seed=3) == records
+    other = load_prompts(path, field="text", prefix_words=(2, 8), seed=4)
+    assert [r.prompt for r in other] != [r.prompt for r in records]
+
+
+def test_prefix_words_empty_text_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "imdb.csv"
+    path.write_text("text\nsome words here\n<br /><br />\n", encoding="utf-8")
+    message = data_error(load_prompts, path, field="text", prefix_words=(1, 2))
+    assert message.startswith(f"{path}:3: field 'text' is empty"), message
+
+
+def test_prefix_words_validation(tmp_path: Path) -> None:
+    path = write_reviews(tmp_path / "imdb.csv", n=1)
+    with pytest.raises(ValueError, match="prefix_words"):
+        load_prompts(path, field="text", prefix_words=(5, 2))
+
+
+# --------------------------------------------------------------------------- records, task, split
+
+
+def test_prompt_key_is_stable_for_message_lists() -> None:
+    a = [{"role": "user", "content": "x"}]
+    b = [{"content": "x", "role": "user"}]
+    assert prompt_key(a) == prompt_key(b) != prompt_key([{"role": "user", "content": "y"}])
+    assert prompt_key("plain") == "plain"
+
+
+def test_sentiment_prompts() -> None:
+    prompts = sentiment_prompts()
+    keys = [prompt_key(p.prompt) for p in prompts]
+    assert len(prompts) >= 400 and len(set(keys)) == len(keys)
+    assert sentiment_prompts() == prompts
+    assert all(isinstance(p.prompt, str) and p.meta["task"] == "sentiment" for p in prompts)
+    assert all(p.meta["title"] in p.prompt for p in prompts)
+    assert len({p.meta["template"] for p in prompts}) >= 10 and len({p.meta["title"] for p in prompts}) >= 35
+    loaded = set("great awful terrible amazing love loved hate bad good best worst boring".split())
+    for p in prompts:
+        words = {w.strip(".,:;!?'").lower() for w in p.prompt.split()}
+        assert not words & loaded, p.prompt
+
+
+def records(n: int) -> list[PromptRecord]:
+    return [PromptRecord(f"prompt {i}") for i in range(n)]
+
+
+def test_split_is_deterministic_disjoint_and_sized() -> None:
+    prompts = records(50) + records(10)  # 10 duplicates
+    split = split_prompts(prompts, n_eval=8, n_train=20, seed=1)
+    assert len(split.eval) == 8 and len(split.train) == 20
+    eval_keys = {prompt_key(r.prompt) for r in split.eval}
+    train_keys = {prompt_key(r.prompt) for r in split.train}
+    assert not eval_keys & train_keys and len(train_keys) == 20
+    assert split_prompts(prompts, n_eval=8, n_train=20, seed=1) == split
+    assert split_prompts(prompts, n_eval=8, n_train=20, seed=2).eval != split.eval
+    rest = split_prompts(prompts, n_eval=8, seed=1)
+    assert rest.eval == split.eval and len(rest.train) == 42
+    assert rest.train[:20] == split.train  # growing n_train keeps the same prefix
+    assert split.eval != records(8)  # actually shuffled
+
+
+def test_split_dedup_keeps_first_occurrence() -> None:
+    prompts = [PromptRecord("a", {"n": 1}), PromptRecord("a", {"n": 2}), PromptRecord("b")]
+    split = split_prompts(prompts, n_eval=1, seed=0)
+    everything = split.eval + split.train
+    assert len(everything) == 2
+    assert next(r for r in everything if r.prompt == "a").meta == {"n": 1}
+
+
+def test_split_too_few_prompts() -> None:
+    message = data_error(split_prompts, records(10) + records(10), n_eval=8, n_train=5)
+    assert "need at least 13 unique prompts" in message and "got 10" in message
+    assert "got 3" in data_error(split_prompts, records(3), n_eval=3)
+
+
+def test_holdout_pairs_and_prompts_from_pairs() -> None:
+    pairs = [
+        PreferencePair("p1", "a", "b"),
+        PreferencePair("p2", "a", "b"),
+        PreferencePair("p1", "c", "d"),
+        PreferencePair([{"role": "user", "content": "q"}], "a", "b"),
+    ]
+    kept, removed = holdout_pairs(
+        pairs, [PromptRecord("p1"), PromptRecord([{"content": "q", "role": "user"}])]
+    )
+    assert removed == 3 and kept == [pairs[1]]
+    assert holdout_pairs(pairs, ["p2"]) == ([pairs[0], pairs[2], pairs[3]], 1)
+    assert prompts_from_pairs(pairs) == [
+        PromptRecord("p1"),
+        PromptRecord("p2"),
+        PromptRecord([{"role": "user", "content": "q"}]),
+    ]
+
+
+def test_data_layer_does_not_import_torch() -> None:
+    code = "import sys, prefopt.data; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
