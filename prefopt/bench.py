@@ -46,9 +46,9 @@ class DataConfig:
     prefix_words: tuple[int, int] | None = field(default=None, metadata={"help": "Take the first lo..hi words of a text column as the prompt (IMDb-style)."})
     pairs: str | None = field(default=None, metadata={"help": "Preference pairs file/dataset; if unset, pairs are synthesised."})
     n_eval: int = field(default=128, metadata={"help": "Held-out evaluation prompts."})
-    n_train: int | None = field(default=96, metadata={"help": "Training prompts (synthetic pairs and PPO); None = all the rest."})
+    n_train: int | None = field(default=128, metadata={"help": "Training prompts (synthetic pairs and PPO); None = all the rest."})
     k: int = field(default=4, metadata={"help": "Responses sampled per prompt for synthetic pairs (>= 2)."})
-    pairs_per_prompt: int = field(default=2, metadata={"help": "Labelled pairs kept per prompt (largest gold-score gaps)."})
+    pairs_per_prompt: int = field(default=3, metadata={"help": "Labelled pairs kept per prompt (largest gold-score gaps)."})
     annotator: AnnotatorConfig = field(default_factory=AnnotatorConfig)
     max_new_tokens: int = field(default=32, metadata={"help": "Length cap of responses sampled for synthetic pairs."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature for synthetic pairs."})
@@ -126,10 +126,16 @@ class _Stages:
         task = self.progress.add_task(name, total=total, info="")
         t0 = time.perf_counter()
 
+        done = 0
+
         def advance(n: int = 1, metrics: dict | None = None):
+            nonlocal done
+            done += n
             info = ""
             if metrics:
                 info = "  ".join(f"{k.split('/')[-1]}={metrics[k]:.3f}" for k in unit_metrics if k in metrics)
+                if not self.console.is_terminal:  # no live bar in logs/CI: one line per training step instead
+                    self.console.log(f"{name} {done}/{total}  {info}", highlight=False)
             self.progress.update(task, advance=n, info=info)
 
         with self.progress:
@@ -272,5 +278,6 @@ def run_bench(cfg: BenchConfig, out_dir: str | os.PathLike | None = None, *, con
         "created": datetime.now().isoformat(timespec="seconds"),
     }
     path = write_run(out, config=dataclasses.asdict(cfg), metrics=stages.metrics, summary=summary,
-                     samples=samples, meta=meta, policies=list(policies), overwrite=overwrite)
+                     samples=samples, meta=meta, policies=list(policies), overwrite=overwrite,
+                     pairs=[dataclasses.asdict(p) for p in train_pairs])
     return BenchResult(path, summary, timings)

@@ -16,7 +16,7 @@ import torch
 
 from prefopt.data.judges import Judge
 from prefopt.data.records import PromptRecord
-from prefopt.eval.metrics import Estimate, distinct_n, mean_ci, win_rate
+from prefopt.eval.metrics import distinct_n, mean_ci, win_rate
 from prefopt.models.ops import decode_responses, encode_prompts, make_batch, render_prompt, response_logprobs, sample
 from prefopt.models.shared import SharedBase
 
@@ -31,10 +31,6 @@ class EvalConfig:
     max_prompt_tokens: int = field(default=64, metadata={"help": "Prompts keep their last N tokens."})
     batch_size: int = field(default=64, metadata={"help": "Generation / scoring batch size."})
     seed: int = field(default=1234, metadata={"help": "Sampling seed, shared by every policy."})
-
-
-def _row(policy: str, metric: str, est: Estimate) -> dict:
-    return {"policy": policy, "metric": metric, "mean": est.mean, "lo": est.lo, "hi": est.hi, "se": est.se, "n": est.n}
 
 
 @torch.no_grad()
@@ -101,13 +97,13 @@ def evaluate(
     summary: list[dict] = []
     samples: list[dict] = []
     for name, d in per_policy.items():
-        summary.append(_row(name, "eval/gold_reward", mean_ci(d["gold"])))
+        summary.append(mean_ci(d["gold"]).summary_row(name, "eval/gold_reward"))
         if proxy:
-            summary.append(_row(name, "eval/proxy_reward", mean_ci(d["proxy"])))
-        summary.append(_row(name, "eval/kl_to_ref", mean_ci(d["kl"])))
-        summary.append(_row(name, "eval/win_rate_vs_ref", win_rate(d["gold"], ref_gold)))
-        summary.append(_row(name, "eval/length", mean_ci(d["length"])))
-        summary.append(_row(name, "eval/eos_rate", mean_ci([float(e) for e in d["eos"]])))
+            summary.append(mean_ci(d["proxy"]).summary_row(name, "eval/proxy_reward"))
+        summary.append(mean_ci(d["kl"]).summary_row(name, "eval/kl_to_ref"))
+        summary.append(win_rate(d["gold"], ref_gold).summary_row(name, "eval/win_rate_vs_ref"))
+        summary.append(mean_ci(d["length"]).summary_row(name, "eval/length"))
+        summary.append(mean_ci([float(e) for e in d["eos"]]).summary_row(name, "eval/eos_rate"))
         summary.append({"policy": name, "metric": "eval/distinct_2", "mean": distinct_n(d["texts"], 2),
                         "lo": None, "hi": None, "se": None, "n": len(d["texts"])})
         for i, text in enumerate(d["texts"]):

@@ -1,0 +1,125 @@
+"""The shared base: reference = adapters off = base, padding invariance, sampling, LoRA-only updates."""
+
+import pytest
+import torch
+
+from prefopt.backends import dpo as dpo_backend
+from prefopt.data.records import PreferencePair
+from prefopt.models.base import ModelError, resolve_model
+from prefopt.models.ops import encode_prompts, make_batch, response_logprobs, sample
+from prefopt.models.shared import LoraSettings, SharedBase
+
+
+def _logits(lm, ids):
+    return lm(input_ids=ids).logits
+
+
+def _perturb_adapters(shared):
+    # LoRA B starts at zero (adapter = identity); make it non-zero so "adapters on" really differs
+    with torch.no_grad():
+        for n, p in shared.peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+
+
+def test_reference_equals_disabled_adapters_equals_base(tiny):
+    lm, tok = tiny
+    ids = torch.tensor([tok("the movie was").input_ids])
+    base_logits = _logits(lm, ids).clone()
+    shared = SharedBase(lm, tok, LoraSettings(r=4, alpha=8))
+    shared.add_role("ppo", head=True)
+    shared.add_role("dpo")
+    _perturb_adapters(shared)
+    with shared.role("dpo") as m:
+        policy_logits = _logits(m, ids)
+    with shared.reference() as m:
+        ref_logits = _logits(m, ids)
+    with shared.peft.disable_adapter():
+        disabled = shared.peft(input_ids=ids).logits
+    assert not torch.allclose(policy_logits, base_logits, atol=1e-3)  # the adapter does something
+    assert torch.allclose(ref_logits, base_logits, atol=1e-6)
+    assert torch.allclose(disabled, base_logits, atol=1e-6)
+    # one set of base weights: roles share the very same tensors
+    with shared.role("ppo") as a, shared.role("dpo") as b:
+        assert a.get_output_embeddings().weight.data_ptr() == b.get_output_embeddings().weight.data_ptr()
+
+
+def test_roles_are_separate_adapters(tiny):
+    lm, tok = tiny
+    shared = SharedBase(lm, tok, LoraSettings(r=4, alpha=8))
+    shared.add_role("first")
+    shared.add_role("second")
+    _perturb_adapters(shared)
+    ids = torch.tensor([tok("abc").input_ids])
+    with shared.role("first") as m:
+        la = _logits(m, ids)
+    with shared.role("second") as m:
+        lb = _logits(m, ids)
+    assert not torch.allclose(la, lb, atol=1e-4)
+
+
+def test_logprobs_do_not_depend_on_padding(tiny):
+    lm, tok = tiny
+    prompts = encode_prompts(["hi", "a much longer prompt here"], tok, 64)
+    responses = [tok(" there").input_ids, tok(" ok").input_ids + [tok.eos_token_id]]
+    together = response_logprobs(lm, make_batch(prompts, responses, tok.pad_token_id, "cpu"))
+    for i in range(2):
+        alone = response_logprobs(lm, make_batch([prompts[i]], [responses[i]], tok.pad_token_id, "cpu"))
+        n = len(responses[i])
+        assert torch.allclose(together[i, :n], alone[0, :n], atol=1e-5)
+        assert torch.all(together[i, n:] == 0)
+
+
+def test_batch_masks_come_from_lengths_not_ids(tiny):
+    _, tok = tiny
+    eos = tok.eos_token_id
+    assert tok.pad_token_id == eos  # like SmolLM2
+    b = make_batch([[5, 6], [7]], [[8, eos], [9]], pad_id=eos, device="cpu")
+    assert b.input_ids.tolist() == [[5, 6, 8, eos], [eos, 7, 9, eos]]
+    assert b.attention_mask.tolist() == [[1, 1, 1, 1], [0, 1, 1, 0]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 3], [0, 0, 1, 1]]
+    assert b.response_mask.tolist() == [[1.0, 1.0], [1.0, 0.0]]  # the emitted EOS counts, the pad does not
+
+
+def test_sample_is_seeded_and_cut_at_eos(tiny):
+    lm, tok = tiny
+    prompts = encode_prompts(["one", "two", "three"], tok, 64)
+    a = sample(lm, tok, prompts, max_new_tokens=12, seed=3)
+    b = sample(lm, tok, prompts, max_new_tokens=12, seed=3)
+    c = sample(lm, tok, prompts, max_new_tokens=12, seed=4)
+    assert a == b and a != c
+    for r in a:
+        assert 1 <= len(r) <= 12
+        assert tok.eos_token_id not in r[:-1]
+
+
+def test_greedy_generation_agrees_with_our_logprobs(tiny):
+    """Generation and our forward must see the same distribution (positions, masks)."""
+    lm, tok = tiny
+    prompts = encode_prompts(["x", "a longer one"], tok, 64)
+    resp = sample(lm, tok, prompts, max_new_tokens=6, seed=0, temperature=1e-4)  # ~greedy
+    batch = make_batch(prompts, resp, tok.pad_token_id, "cpu")
+    from prefopt.models.ops import hidden_states, response_logits
+
+    logits = response_logits(lm, hidden_states(lm, batch), batch)
+    for i, r in enumerate(resp):
+        assert logits[i, : len(r)].argmax(-1).tolist() == r
+
+
+def test_dpo_step_moves_lora_only(tiny):
+    lm, tok = tiny
+    shared = SharedBase(lm, tok, LoraSettings(r=4, alpha=8))
+    pairs = [PreferencePair(prompt=f"p{i}", chosen="good", rejected="bad") for i in range(4)]
+    shared.add_role("dpo")
+    before_lora, before_base = shared.adapter_state("dpo"), shared.base_state()
+    cfg = dpo_backend.DPOConfig(batch_size=4, learning_rate=1e-2)
+    dpo_backend.train(shared, pairs, cfg)
+    after_lora, after_base = shared.adapter_state("dpo"), shared.base_state()
+    assert any(not torch.equal(before_lora[k], after_lora[k]) for k in before_lora)
+    assert all(torch.equal(before_base[k], after_base[k]) for k in before_base)
+
+
+def test_resolve_model_errors():
+    with pytest.raises(ModelError, match="GGUF file not found"):
+        resolve_model("/nowhere/model.gguf")
+    assert resolve_model("some-org/some-model").path == "some-org/some-model"
