@@ -22,8 +22,8 @@ from prefopt.models.shared import SharedBase
 
 @dataclass
 class RewardConfig:
-    learning_rate: float = field(default=2e-4, metadata={"help": "AdamW learning rate for the LoRA adapter and head.", "positive": True})
-    epochs: int = field(default=1, metadata={"help": "Passes over the preference pairs.", "positive": True})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate for the LoRA adapter and head (LoRA takes ~10x a full fine-tune's rate; 1e-3 measured best of 3e-4/1e-3 on the default task).", "positive": True})
+    epochs: int = field(default=2, metadata={"help": "Passes over the preference pairs.", "positive": True})
     batch_size: int = field(default=16, metadata={"help": "Pairs per optimisation step.", "positive": True})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm.", "positive": True})
     max_prompt_tokens: int = field(default=64, metadata={"help": "Prompts keep their last N tokens.", "positive": True})
