@@ -61,6 +61,7 @@ class SharedBase:
         self._lm = lm  # the (LoRA-injected once roles exist) LlamaForCausalLM-like module
         self.heads = nn.ModuleDict()
         self.roles: list[str] = []
+        self._trainable: list[nn.Parameter] = []  # handed out by adapter_parameters(); kept trainable across switches
         lm.requires_grad_(False)
         lm.eval()
 
@@ -102,11 +103,18 @@ class SharedBase:
         if name not in self.roles:
             raise KeyError(f"unknown role {name!r}; roles: {self.roles}")
         prev = self.peft.active_adapter
-        self.peft.set_adapter(name)
+        self._activate(name)
         try:
             yield self._lm
         finally:
-            self.peft.set_adapter(prev)
+            self._activate(prev)
+
+    def _activate(self, name: str) -> None:
+        # peft's set_adapter also sets requires_grad=False on every other adapter; a role being trained (e.g. a
+        # value adapter used inside the policy's update) must stay trainable while another role runs
+        self.peft.set_adapter(name)
+        for p in self._trainable:
+            p.requires_grad_(True)
 
     @contextmanager
     def reference(self):
@@ -126,6 +134,8 @@ class SharedBase:
             params += list(self.heads[name].parameters())
         for p in params:
             p.requires_grad_(True)
+        known = {id(p) for p in self._trainable}
+        self._trainable += [p for p in params if id(p) not in known]
         return params
 
     def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
