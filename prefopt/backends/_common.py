@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from typing import Callable, Sequence
 
 import torch
+from accelerate import PartialState
 
 from prefopt.data.records import PreferencePair
 from prefopt.models.ops import encode_prompts, encode_responses
@@ -44,6 +45,12 @@ def encode_pairs(pairs: Sequence[PreferencePair], tokenizer, max_prompt_tokens: 
     return EncodedPairs(prompts, chosen, rejected, [p.margin for p in pairs])
 
 
+def dist_state() -> PartialState:
+    """accelerate's process state. Without CUDA it must be built with cpu=True, else a multi-process launch
+    (torchrun / `accelerate launch --multi_gpu`) on CPU is not recognised and every rank thinks it is alone."""
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def minibatches(n: int, batch_size: int, rng: random.Random) -> list[list[int]]:
     """Shuffled index batches covering 0..n-1 once (the last one may be smaller)."""
     idx = list(range(n))
@@ -53,6 +60,18 @@ def minibatches(n: int, batch_size: int, rng: random.Random) -> list[list[int]]:
 
 def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+LR_SCHEDULES = ("constant", "linear")
+
+
+def lr_scheduler(opt: torch.optim.Optimizer, kind: str, total_steps: int):
+    """'constant', or 'linear' decay to 0 over ``total_steps`` (trl/transformers' default shape)."""
+    if kind not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {kind!r}")
+    if kind == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / max(total_steps, 1)))
 
 
 def check_config(cfg) -> None:

@@ -14,7 +14,16 @@ from typing import Sequence
 
 import torch
 
-from prefopt.backends._common import StepCallback, adamw, check_config, encode_pairs, minibatches, no_op
+from prefopt.backends._common import (
+    LR_SCHEDULES,
+    StepCallback,
+    adamw,
+    check_config,
+    encode_pairs,
+    lr_scheduler,
+    minibatches,
+    no_op,
+)
 from prefopt.backends.losses import DPO_LOSS_TYPES, dpo_loss
 from prefopt.data.records import PreferencePair
 from prefopt.models.ops import make_batch, response_logprobs
@@ -27,6 +36,7 @@ class DPOConfig:
     loss_type: str = field(default="sigmoid", metadata={"help": f"One of {DPO_LOSS_TYPES}: DPO, IPO, SLiC hinge."})
     label_smoothing: float = field(default=0.0, metadata={"help": "Conservative DPO: assumed label-flip rate in [0, 0.5)."})
     learning_rate: float = field(default=5e-4, metadata={"help": "AdamW learning rate for the LoRA adapter (LoRA takes ~10x a full fine-tune's rate).", "positive": True})
+    lr_schedule: str = field(default="constant", metadata={"help": "'constant', or 'linear' decay to 0 over training."})
     epochs: int = field(default=1, metadata={"help": "Passes over the preference pairs.", "positive": True})
     batch_size: int = field(default=16, metadata={"help": "Pairs per optimisation step.", "positive": True})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm.", "positive": True})
@@ -37,6 +47,8 @@ class DPOConfig:
 
     def __post_init__(self):
         check_config(self)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"DPOConfig.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.loss_type not in DPO_LOSS_TYPES:
             raise ValueError(f"DPOConfig.loss_type must be one of {DPO_LOSS_TYPES}, got {self.loss_type!r}")
         if not 0.0 <= self.label_smoothing < 0.5:
@@ -66,6 +78,7 @@ def train(shared: SharedBase, pairs: Sequence[PreferencePair], cfg: DPOConfig, *
 
     params = shared.adapter_parameters(cfg.role)
     opt = adamw(params, cfg.learning_rate)
+    sched = lr_scheduler(opt, cfg.lr_schedule, cfg.epochs * -(-n // cfg.batch_size))
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     step = 0
@@ -89,6 +102,7 @@ def train(shared: SharedBase, pairs: Sequence[PreferencePair], cfg: DPOConfig, *
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 opt.step()
+                sched.step()
                 step += 1
                 on_step(step, {
                     "train/loss": loss.item(),
