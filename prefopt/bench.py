@@ -32,6 +32,7 @@ from prefopt.data.tasks import sentiment_prompts
 from prefopt.eval.harness import REFERENCE, EvalConfig, evaluate
 from prefopt.models.base import load_base, pick_device
 from prefopt.models.ops import decode_responses, encode_prompts, render_prompt, sample
+from prefopt.models.rewards import SequenceClassifierReward, text_score_fn
 from prefopt.models.shared import LoraSettings, SharedBase
 from prefopt.reports import write_run
 
@@ -61,6 +62,8 @@ class BenchConfig:
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "Base model: alias, hub id, local dir, .gguf, or 'tiny'."})
     judge: str = field(default="vader", metadata={"help": "Gold judge: 'vader', 'hf:<model>', 'py:module:function'."})
     algorithms: tuple[str, ...] = field(default=ALGORITHMS, metadata={"help": "Policies to train and compare."})
+    ppo_reward: str = field(default="rm", metadata={"help": "PPO's reward source: 'rm' (trained on the pairs), 'gold' (the gold judge: PPO-GT), 'hf:<classifier>', 'py:module:function'."})
+    ppo_value_from_rm: bool = field(default=False, metadata={"help": "Initialise PPO's value head from the reward model's score head."})
     seed: int = field(default=0, metadata={"help": "Master seed (split, sampling, annotator, training)."})
     device: str | None = field(default=None, metadata={"help": "torch device; default cuda if available else cpu."})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: all cores)."})
@@ -75,6 +78,8 @@ class BenchConfig:
         unknown = [a for a in self.algorithms if a not in ALGORITHMS]
         if unknown or not self.algorithms:
             raise ValueError(f"algorithms must be a non-empty subset of {ALGORITHMS}, got {list(self.algorithms)}")
+        if not (self.ppo_reward in ("rm", "gold") or self.ppo_reward.startswith(("hf:", "py:"))):
+            raise ValueError(f"ppo_reward must be 'rm', 'gold', 'hf:<model>' or 'py:module:function', got {self.ppo_reward!r}")
         if self.data.k < 2:
             raise ValueError(f"data.k must be >= 2 (pairs need two responses), got {self.data.k}")
 
@@ -216,6 +221,17 @@ def synthesize_pairs(shared: SharedBase, judge, prompts: list[PromptRecord], cfg
     return pairs
 
 
+def ppo_score_fn(cfg: BenchConfig, rm, judge, tokenizer):
+    """The reward source PPO optimises, by name (dispatch happens here, once)."""
+    if cfg.ppo_reward == "rm":
+        return rm.score_ids  # fast path: same base, same tokenizer, token ids
+    if cfg.ppo_reward == "gold":
+        return text_score_fn(judge.score, tokenizer, name=judge.name)
+    if cfg.ppo_reward.startswith("hf:"):
+        return text_score_fn(SequenceClassifierReward.load(cfg.ppo_reward[3:]).score, tokenizer, name=cfg.ppo_reward)
+    return text_score_fn(load_judge(cfg.ppo_reward).score, tokenizer, name=cfg.ppo_reward)  # py:module:function
+
+
 def run_bench(cfg: BenchConfig, out_dir: str | os.PathLike | None = None, *, console=None, overwrite: bool = False) -> BenchResult:
     cfg = copy.deepcopy(cfg)
     stages = _Stages(console)
@@ -245,14 +261,22 @@ def run_bench(cfg: BenchConfig, out_dir: str | os.PathLike | None = None, *, con
         with stages.stage("synthetic pairs", total=n_gen) as adv:
             train_pairs = synthesize_pairs(shared, judge, split.train, cfg, adv)
 
-    # 3. reward model -> PPO
+    # 3. reward model -> PPO (the RM is trained whenever PPO runs: it is also the proxy reward in evaluation)
+    rm = None
     if "ppo" in cfg.algorithms:
         steps = cfg.rm.epochs * -(-len(train_pairs) // cfg.rm.batch_size)
         with stages.stage("reward model", total=steps, unit_metrics=("train/loss", "train/reward_accuracy")) as adv:
             rm = rm_backend.train(shared, train_pairs, cfg.rm, on_step=stages.logger("rm", adv))
         ppo_prompts = encode_prompts([p.prompt for p in split.train], tok, cfg.ppo.max_prompt_tokens)
+        value_init = None
+        if cfg.ppo_value_from_rm:
+            value_init = torch.nn.Linear(rm.head.in_features, 1)
+            value_init.load_state_dict(rm.head.state_dict())
+            with torch.no_grad():
+                value_init.bias -= rm.offset  # the value predicts the normalised score
         with stages.stage("ppo", total=cfg.ppo.steps, unit_metrics=("train/score", "train/kl")) as adv:
-            ppo_backend.train(shared, ppo_prompts, rm.score_ids, cfg.ppo, on_step=stages.logger("ppo", adv))
+            ppo_backend.train(shared, ppo_prompts, ppo_score_fn(cfg, rm, judge, tok), cfg.ppo,
+                              on_step=stages.logger("ppo", adv), init_value_head=value_init)
 
     # 4. DPO on the same pairs
     if "dpo" in cfg.algorithms:
@@ -265,7 +289,7 @@ def run_bench(cfg: BenchConfig, out_dir: str | os.PathLike | None = None, *, con
     with stages.stage("eval", total=len(split.eval) * len(policies)) as adv:
         summary, samples = evaluate(
             shared, policies, split.eval, judge, cfg.eval,
-            proxy=rm.score_ids if "ppo" in cfg.algorithms else None,
+            proxy=rm.score_ids if rm is not None else None,
             on_progress=lambda name, k: adv(k),
         )
 
@@ -275,6 +299,7 @@ def run_bench(cfg: BenchConfig, out_dir: str | os.PathLike | None = None, *, con
         "versions": _versions(), "seed": cfg.seed, "device": str(device), "threads": torch.get_num_threads(),
         "timings_s": timings, "n_train_prompts": len(split.train), "n_eval_prompts": len(split.eval),
         "n_pairs": len(train_pairs), "n_pairs_held_out": held_out,
+        "rm_score_offset": rm.offset if rm is not None else None,
         "created": datetime.now().isoformat(timespec="seconds"),
     }
     path = write_run(out, config=dataclasses.asdict(cfg), metrics=stages.metrics, summary=summary,

@@ -59,6 +59,8 @@ def bench(
     dpo_epochs: Optional[int] = typer.Option(None, help="DPO epochs over the pairs."),
     dpo_beta: Optional[float] = typer.Option(None, help="DPO beta."),
     kl_coef: Optional[float] = typer.Option(None, help="PPO KL penalty coefficient."),
+    kl_target: Optional[float] = typer.Option(None, help="PPO adaptive KL controller target (sequence KL in nats)."),
+    ppo_reward: Optional[str] = typer.Option(None, help="PPO's reward: 'rm', 'gold' (PPO-GT), 'hf:<classifier>', 'py:module:function'."),
     seed: Optional[int] = typer.Option(None, help="Master seed."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: all cores)."),
     device: Optional[str] = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
@@ -82,6 +84,7 @@ def bench(
             (d, "prefix_words", _parse_range(prefix_words)), (d, "pairs", pairs), (d, "n_eval", n_eval),
             (d, "n_train", n_train), (d, "k", k), (cfg.ppo, "steps", ppo_steps), (cfg.rm, "epochs", rm_epochs),
             (cfg.dpo, "epochs", dpo_epochs), (cfg.dpo, "beta", dpo_beta), (cfg.ppo, "kl_coef", kl_coef),
+            (cfg.ppo, "kl_target", kl_target), (cfg, "ppo_reward", ppo_reward),
         ]
         for obj, name, value in overrides:
             if value is not None:

@@ -1,24 +1,39 @@
 """PPO for language models, ours (trl 1.x has none), on a LoRA adapter + value head of the shared base.
 
 Follows Ziegler et al. 2019 and Huang et al. 2024 ("The N+ implementation details of RLHF with PPO"):
-per-token KL penalty in the reward with a named estimator, the score added at the last response token, an
-optional penalty for responses that never emit EOS, GAE (gamma=1, lambda=0.95), advantage whitening, clipped
-policy and value losses, several epochs over minibatches, the sampling temperature applied wherever log-probs
-are computed, dropout off. The reference is the base with adapters off. The value head sits on the policy's
-trunk, so one forward gives log-probs and values.
+per-token KL penalty in the reward with a named estimator (or the exact KL in the loss), the score added at the
+last response token, an optional penalty for responses that never end (EOS or a stop token), optional truncation
+at a stop token, GAE (gamma=1, lambda=0.95), advantage whitening, clipped policy and value losses, several epochs
+over minibatches with gradient accumulation, the sampling temperature applied wherever log-probs are computed,
+dropout off, an optional adaptive KL controller, a value head initialisable from the reward model's head.
+The reference is the base with adapters off. The value head sits on the policy's trunk, so one forward gives
+log-probs and values.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import reduce as all_reduce
 
-from prefopt.backends._common import StepCallback, adamw, check_config, minibatches, no_op
-from prefopt.backends.losses import KL_ESTIMATORS, gae, kl_per_token, masked_mean, ppo_policy_loss, ppo_value_loss, whiten
+from prefopt.backends._common import StepCallback, adamw, check_config, dist_state, minibatches, no_op
+from prefopt.backends.losses import (
+    KL_ESTIMATORS,
+    gae,
+    kl_per_token,
+    masked_mean,
+    masked_var,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
 from prefopt.models.ops import (
     SeqBatch,
     entropy_from_logits,
@@ -27,11 +42,14 @@ from prefopt.models.ops import (
     make_batch,
     response_hidden,
     response_logits,
-    response_logprobs,
     sample,
 )
 from prefopt.models.shared import SharedBase
 
+log = logging.getLogger("prefopt.ppo")
+
+KL_PLACEMENTS = ("reward", "loss")
+CHECKPOINT_FILE = "ppo_state.pt"
 # score_fn(prompt_ids, response_ids) -> (B,) scores: a reward model, a gold judge, any Python function.
 ScoreFn = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], torch.Tensor]
 
@@ -40,12 +58,17 @@ ScoreFn = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], torch.Ten
 class PPOConfig:
     steps: int = field(default=12, metadata={"help": "PPO iterations (rollout + update).", "positive": True})
     batch_size: int = field(default=32, metadata={"help": "Rollouts (prompts) per iteration.", "positive": True})
-    mini_batch_size: int = field(default=16, metadata={"help": "Rollouts per gradient step in the update.", "positive": True})
+    mini_batch_size: int = field(default=16, metadata={"help": "Rollouts per optimiser step in the update.", "positive": True})
+    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per minibatch (memory: mini_batch_size / grad_accum rows per forward).", "positive": True})
     ppo_epochs: int = field(default=4, metadata={"help": "Passes over each iteration's rollouts.", "positive": True})
-    learning_rate: float = field(default=2e-4, metadata={"help": "AdamW learning rate (adapter + value head).", "positive": True})
+    learning_rate: float = field(default=5e-4, metadata={"help": "AdamW learning rate (adapter + value head); the same LoRA rate as DPO.", "positive": True})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm.", "positive": True})
-    kl_coef: float = field(default=0.05, metadata={"help": "beta: weight of the per-token KL penalty in the reward."})
+    kl_coef: float = field(default=0.05, metadata={"help": "beta: weight of the KL penalty (initial value if kl_target is set)."})
     kl_estimator: str = field(default="k1", metadata={"help": f"Per-token KL estimator in the reward, one of {KL_ESTIMATORS}."})
+    kl_in: str = field(default="reward", metadata={"help": "'reward': -kl_coef * kl_t in each token's reward (Ziegler et al. 2019); "
+                                                     "'loss': exact full-vocabulary KL(pi || pi_ref) per token added to the loss."})
+    kl_target: float | None = field(default=None, metadata={"help": "Adaptive KL controller target (sequence KL, nats); None = fixed kl_coef."})
+    kl_horizon: int = field(default=10_000, metadata={"help": "Adaptive KL controller horizon (Ziegler et al.: 10000).", "positive": True})
     gamma: float = field(default=1.0, metadata={"help": "Discount (1.0 for RLHF: one episode per response)."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
     clip_range: float = field(default=0.2, metadata={"help": "Policy ratio clip epsilon.", "positive": True})
@@ -54,31 +77,100 @@ class PPOConfig:
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature; log-probs use the same.", "positive": True})
     max_new_tokens: int = field(default=32, metadata={"help": "Response length cap.", "positive": True})
     max_prompt_tokens: int = field(default=64, metadata={"help": "Prompts keep their last N tokens.", "positive": True})
+    stop_token_id: int | None = field(default=None, metadata={"help": "Cut each response after its first occurrence of this token (N+ details: truncation)."})
     missing_eos_penalty: float | None = field(
-        default=None, metadata={"help": "Score given to responses that never emit EOS (None: no penalty)."}
+        default=None, metadata={"help": "Score given to responses that end with neither EOS nor the stop token (None: no penalty)."}
     )
     whiten_advantages: bool = field(default=True, metadata={"help": "Normalise advantages per iteration."})
+    value_adapter: bool = field(default=False, metadata={"help": "False: value head on the policy's trunk (one forward gives "
+                                                          "log-probs and values); True: the value function gets its own LoRA adapter + head."})
     role: str = field(default="ppo", metadata={"help": "Adapter name of this policy on the shared base."})
     seed: int = field(default=0, metadata={"help": "Seed for prompt order and sampling."})
+    save_every: int | None = field(default=None, metadata={"help": "Write a resumable checkpoint every N steps (needs checkpoint_dir)."})
+    checkpoint_dir: str | None = field(default=None, metadata={"help": "Folder for the resumable checkpoint."})
 
     def __post_init__(self):
         check_config(self)
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"PPOConfig.kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
+        if self.kl_in not in KL_PLACEMENTS:
+            raise ValueError(f"PPOConfig.kl_in must be one of {KL_PLACEMENTS}, got {self.kl_in!r}")
         if self.kl_coef < 0:
             raise ValueError(f"PPOConfig.kl_coef must be >= 0, got {self.kl_coef}")
+        if self.kl_target is not None and self.kl_target <= 0:
+            raise ValueError(f"PPOConfig.kl_target must be > 0 or None, got {self.kl_target}")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ValueError(f"PPOConfig.gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
         if self.mini_batch_size > self.batch_size:
             raise ValueError(f"PPOConfig.mini_batch_size ({self.mini_batch_size}) > batch_size ({self.batch_size})")
+        if self.mini_batch_size % self.grad_accum:
+            raise ValueError(f"PPOConfig.grad_accum ({self.grad_accum}) must divide mini_batch_size ({self.mini_batch_size})")
+        if self.save_every is not None and (self.save_every <= 0 or not self.checkpoint_dir):
+            raise ValueError("PPOConfig.save_every needs a positive value and a checkpoint_dir")
 
 
-def _policy_forward(shared: SharedBase, lm, batch: SeqBatch, role: str, temperature: float):
-    """One trunk pass -> (logits (B, R, V), values (B, R)). Values read the states that predict each token."""
-    hidden = hidden_states(lm, batch)
-    logits = response_logits(lm, hidden, batch, temperature)
-    values = shared.heads[role](response_hidden(hidden, batch).float()).squeeze(-1)
-    return logits, values
+class KLController:
+    """The KL coefficient beta: fixed, or adaptive (Ziegler et al. 2019, eq. 2):
+    e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta * (1 + e * n / horizon), n = rollouts this step."""
+
+    def __init__(self, init: float, target: float | None = None, horizon: int = 10_000):
+        self.value, self.target, self.horizon = init, target, horizon
+
+    def update(self, kl: float, n: int) -> None:
+        if self.target is None:
+            return
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n / self.horizon
+
+
+class _Roles:
+    """Where PPO's roles live. Default: policy adapter (+ value head on its trunk) on ``shared``, reference =
+    ``shared`` with adapters off. ``value_adapter`` moves the value function to its own adapter + head; the
+    ``reference``/``value_base`` arguments put roles on other bases (the naive many-copies layout, for benchmarks).
+    """
+
+    def __init__(self, shared: SharedBase, cfg: PPOConfig, reference: SharedBase | None, value_base: SharedBase | None):
+        self.shared, self.cfg = shared, cfg
+        self.ref_base = reference or shared
+        self.value_base = value_base or shared
+        self.value_role = f"{cfg.role}_value" if cfg.value_adapter else cfg.role
+        if cfg.role not in shared.roles:
+            shared.add_role(cfg.role, head=not cfg.value_adapter)
+        if cfg.value_adapter and self.value_role not in self.value_base.roles:
+            self.value_base.add_role(self.value_role, head=True)
+
+    @property
+    def value_head(self) -> torch.nn.Linear:
+        return self.value_base.heads[self.value_role]
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        params = self.shared.adapter_parameters(self.cfg.role)
+        if self.cfg.value_adapter:
+            params += self.value_base.adapter_parameters(self.value_role)
+        return params
+
+    def forward(self, lm, batch: SeqBatch, temperature: float):
+        """(logits (B, R, V), values (B, R)) with the policy adapter active in ``lm``. Values read the states that
+        predict each token: one trunk pass when the value head sits on the policy trunk."""
+        hidden = hidden_states(lm, batch)
+        logits = response_logits(lm, hidden, batch, temperature)
+        if self.cfg.value_adapter:
+            with self.value_base.role(self.value_role) as vlm:
+                hidden = hidden_states(vlm, batch)
+        values = self.value_head(response_hidden(hidden, batch).float()).squeeze(-1)
+        return logits, values
+
+    def state(self) -> dict[str, torch.Tensor]:
+        state = dict(self.shared.adapter_state(self.cfg.role))
+        if self.cfg.value_adapter:
+            state.update({f"value::{k}": v for k, v in self.value_base.adapter_state(self.value_role).items()})
+        return state
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        _load_role(self.shared, self.cfg.role, {k: v for k, v in state.items() if not k.startswith("value::")})
+        if self.cfg.value_adapter:
+            _load_role(self.value_base, self.value_role,
+                       {k.split("::", 1)[1]: v for k, v in state.items() if k.startswith("value::")})
 
 
 def kl_penalised_rewards(
@@ -92,10 +184,114 @@ def kl_penalised_rewards(
 
 
 def apply_eos_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty: float | None) -> torch.Tensor:
-    """Responses that never emitted EOS get ``penalty`` as their score (N+ details #23); others keep theirs."""
+    """Responses that never ended get ``penalty`` as their score (N+ details); others keep theirs."""
     if penalty is None:
         return scores
     return torch.where(ended, scores, torch.full_like(scores, penalty))
+
+
+def truncate_at(responses: Sequence[Sequence[int]], stop_id: int | None) -> list[list[int]]:
+    """Cut each response after its first ``stop_id`` (kept); unchanged if None or absent."""
+    if stop_id is None:
+        return [list(r) for r in responses]
+    return [list(r[: r.index(stop_id) + 1]) if stop_id in r else list(r) for r in responses]
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over response tokens (1 = perfect critic, <= 0 = useless)."""
+    var_ret = masked_var(returns, mask)
+    return float(1.0 - masked_var(returns - values, mask) / var_ret.clamp(min=1e-8))
+
+
+class _Watch:
+    """Warnings for the failure modes users report most: negative KL, EOS collapse, length drift."""
+
+    def __init__(self):
+        self.first: dict | None = None
+        self.said: set[str] = set()
+
+    def check(self, step: int, m: dict) -> None:
+        if self.first is None:
+            self.first = m
+            return
+        if m["train/kl"] < 0:
+            self._say("kl", f"step {step}: mean sequence KL is negative ({m['train/kl']:.3f}); with k1 this means "
+                      "log-probs disagree with the sampler (temperature, padding or dropout mismatch)")
+        e0 = self.first["train/eos_rate"]
+        if e0 >= 0.2 and m["train/eos_rate"] < 0.5 * e0:
+            self._say("eos", f"step {step}: EOS rate collapsed from {e0:.2f} to {m['train/eos_rate']:.2f}; "
+                      "consider missing_eos_penalty")
+        l0, l = self.first["train/length"], m["train/length"]
+        if l0 > 0 and (l > 2 * l0 or l < 0.5 * l0):
+            self._say("length", f"step {step}: mean response length drifted from {l0:.1f} to {l:.1f} tokens")
+
+    def _say(self, key: str, msg: str) -> None:
+        if key not in self.said:
+            self.said.add(key)
+            log.warning(msg)
+
+
+# --------------------------------------------------------------------------------------- several processes (DDP)
+# Under `accelerate launch` every rank samples its own rollouts; whitening uses statistics over all ranks, and
+# gradients are averaged across ranks before every optimiser step (what DDP does), so the ranks stay identical.
+def _whiten_global(
+    x: torch.Tensor, mask: torch.Tensor, dist: PartialState, eps: float = 1e-8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whitened ``x`` over all ranks' masked positions, and the scale 1/std that was applied."""
+    m = mask.bool()
+    xm = torch.where(m, x, torch.zeros_like(x))
+    s = torch.stack([xm.sum(), (xm**2).sum(), m.sum().to(x.dtype)])
+    if dist.num_processes > 1:
+        s = all_reduce(s, reduction="sum")
+    mean = s[0] / s[2]
+    var = (s[1] / s[2] - mean**2) * s[2] / (s[2] - 1).clamp(min=1)  # unbiased, as in losses.whiten
+    scale = torch.rsqrt(var.clamp(min=0) + eps)
+    return torch.where(m, (x - mean) * scale, torch.zeros_like(x)), scale
+
+
+def _average_grads(params: list[torch.nn.Parameter], dist: PartialState) -> None:
+    if dist.num_processes == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = all_reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")  # one all-reduce, not hundreds
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
+def _mean_over_ranks(metrics: dict, dist: PartialState) -> dict:
+    if dist.num_processes == 1:
+        return metrics
+    keys = [k for k in metrics if k.startswith("train/")]
+    vals = all_reduce(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64), reduction="mean")
+    return {**metrics, **dict(zip(keys, vals.tolist()))}
+
+
+# --------------------------------------------------------------------------------------------------- checkpoints
+def _save_checkpoint(folder: str, state: dict) -> None:
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / (CHECKPOINT_FILE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path / CHECKPOINT_FILE)  # atomic: a kill mid-write leaves the previous checkpoint intact
+
+
+def load_checkpoint(folder: str) -> dict:
+    path = Path(folder) / CHECKPOINT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no PPO checkpoint at {path}")
+    return torch.load(path, weights_only=False)
+
+
+def _load_role(shared: SharedBase, role: str, adapter: dict[str, torch.Tensor]) -> None:
+    current = dict(shared.peft.named_parameters())
+    with torch.no_grad():
+        for name, value in adapter.items():
+            if name.startswith("head."):
+                getattr(shared.heads[role], name.split(".", 1)[1]).copy_(value)
+            else:
+                current[name].copy_(value)
 
 
 def train(
@@ -105,83 +301,123 @@ def train(
     cfg: PPOConfig,
     *,
     on_step: StepCallback = no_op,
+    init_value_head: torch.nn.Linear | None = None,
+    resume: bool = False,
+    reference: SharedBase | None = None,
+    value_base: SharedBase | None = None,
 ) -> None:
-    if cfg.role not in shared.roles:
-        shared.add_role(cfg.role, head=True)
+    """Run ``cfg.steps`` PPO iterations on ``prompt_ids``; ``resume`` continues from ``cfg.checkpoint_dir``."""
+    roles = _Roles(shared, cfg, reference, value_base)
+    if init_value_head is not None:  # value head starts as the reward model's score head (N+ details)
+        roles.value_head.load_state_dict(init_value_head.state_dict())
     tok, device = shared.tokenizer, shared.device
-    eos = tok.eos_token_id
-    params = shared.adapter_parameters(cfg.role)
+    eos, stop = tok.eos_token_id, cfg.stop_token_id
+    dist = dist_state()  # one process unless started by `accelerate launch` / torchrun
+    world, rank = dist.num_processes, dist.process_index
+    params = roles.parameters()
     opt = adamw(params, cfg.learning_rate)
     rng = random.Random(cfg.seed)
+    kl_ctl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    watch = _Watch()
     order: list[int] = []
+    start = 1
+    if resume:
+        if not cfg.checkpoint_dir:
+            raise ValueError("resume needs PPOConfig.checkpoint_dir")
+        state = load_checkpoint(cfg.checkpoint_dir)
+        roles.load(state["adapter"])
+        opt.load_state_dict(state["optimizer"])
+        rng.setstate(state["rng"])
+        order, kl_ctl.value, watch.first, start = state["order"], state["kl_coef"], state["watch_first"], state["step"] + 1
 
-    for step in range(1, cfg.steps + 1):
+    for step in range(start, cfg.steps + 1):
         t0 = time.perf_counter()
-        # 1. rollout: the next batch of prompts (reshuffled every pass over the prompt set)
-        while len(order) < cfg.batch_size:
+        # 1. rollout: the next batch of prompts (reshuffled every pass over the prompt set); rank r takes the
+        #    r-th slice, so `batch_size` is per process
+        while len(order) < cfg.batch_size * world:
             more = list(range(len(prompt_ids)))
             rng.shuffle(more)
             order += more
-        batch_prompts = [list(prompt_ids[i])[-cfg.max_prompt_tokens :] for i in order[: cfg.batch_size]]
-        order = order[cfg.batch_size :]
+        mine = order[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
+        batch_prompts = [list(prompt_ids[i])[-cfg.max_prompt_tokens :] for i in mine]
+        order = order[cfg.batch_size * world :]
         with shared.role(cfg.role) as lm:
             responses = sample(
                 lm, tok, batch_prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                seed=cfg.seed * 100_003 + step, batch_size=cfg.batch_size,
+                seed=cfg.seed * 100_003 + step + 1_000_003 * rank, batch_size=cfg.batch_size,
             )
+        responses = truncate_at(responses, stop)
         t_gen = time.perf_counter() - t0
         batch = make_batch(batch_prompts, responses, tok.pad_token_id, device)
         mask, lengths = batch.response_mask, batch.response_lengths  # (B, R), (B,)
-        ended = torch.tensor([len(r) > 0 and r[-1] == eos for r in responses], device=device)
+        ended = torch.tensor([len(r) > 0 and r[-1] in (eos, stop) for r in responses], device=device)
 
-        # 2. score the rollouts (reward model, judge or function), EOS penalty for unterminated ones
+        # 2. score the rollouts (reward model, judge or function); penalty for responses that never ended
         raw_scores = score_fn(batch_prompts, responses).to(device).float()  # (B,)
         scores = apply_eos_penalty(raw_scores, ended, cfg.missing_eos_penalty)
 
         # 3. log-probs and values of the rollout; reference log-probs; KL-penalised per-token reward
         with torch.no_grad():
             with shared.role(cfg.role) as lm:
-                logits, old_values = _policy_forward(shared, lm, batch, cfg.role, cfg.temperature)
+                logits, old_values = roles.forward(lm, batch, cfg.temperature)
                 old_logprobs = gather_logprobs(logits, batch.response_ids)  # (B, R)
                 entropy = masked_mean(entropy_from_logits(logits), mask)
                 del logits
-            with shared.reference() as lm:
-                ref_logprobs = response_logprobs(lm, batch, cfg.temperature)  # (B, R)
+            with roles.ref_base.reference() as lm:
+                ref_logits = response_logits(lm, hidden_states(lm, batch), batch, cfg.temperature)  # (B, R, V)
+                ref_logprobs = gather_logprobs(ref_logits, batch.response_ids)  # (B, R)
+                # the whole reference distribution is kept only when the exact KL goes into the loss
+                ref_logp_full = torch.log_softmax(ref_logits, -1) if cfg.kl_in == "loss" else None
+                del ref_logits
             kl = kl_per_token(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask  # (B, R)
-            rewards = kl_penalised_rewards(scores, kl, mask, lengths, cfg.kl_coef)
+            beta = kl_ctl.value
+            rewards = kl_penalised_rewards(scores, kl, mask, lengths, beta if cfg.kl_in == "reward" else 0.0)
 
             # 4. advantages (GAE over response tokens) and value targets
             advantages, returns = gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
+            adv_scale = torch.ones((), device=device)
             if cfg.whiten_advantages:
-                advantages = whiten(advantages, mask)
+                advantages, adv_scale = _whiten_global(advantages, mask, dist)
 
-        # 5. update: ppo_epochs passes of minibatches, clipped policy + value losses
-        stats = {"loss": [], "pg": [], "vf": [], "clipfrac": [], "approx_kl": [], "vf_clipfrac": []}
+        # 5. update: ppo_epochs passes of minibatches (each accumulated over grad_accum micro-batches)
+        stats: dict[str, list[float]] = {k: [] for k in ("loss", "pg", "vf", "clipfrac", "approx_kl", "vf_clipfrac")}
+        micro = cfg.mini_batch_size // cfg.grad_accum
         with shared.role(cfg.role) as lm:
             for _ in range(cfg.ppo_epochs):
                 for idx in minibatches(len(batch_prompts), cfg.mini_batch_size, rng):
-                    mb = make_batch([batch_prompts[i] for i in idx], [responses[i] for i in idx], tok.pad_token_id, device)
-                    R = mb.response_ids.shape[1]  # minibatch may be narrower than the rollout batch
-                    logits, values = _policy_forward(shared, lm, mb, cfg.role, cfg.temperature)
-                    logprobs = gather_logprobs(logits, mb.response_ids)
-                    m = mb.response_mask
-                    pg_loss, clipfrac, approx_kl = ppo_policy_loss(
-                        logprobs, old_logprobs[idx, :R], advantages[idx, :R], m, cfg.clip_range
-                    )
-                    vf_loss, vf_clipfrac = ppo_value_loss(values, old_values[idx, :R], returns[idx, :R], m, cfg.vf_clip_range)
-                    loss = pg_loss + cfg.vf_coef * vf_loss
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    for j in range(0, len(idx), micro):
+                        sub = idx[j : j + micro]
+                        mb = make_batch([batch_prompts[i] for i in sub], [responses[i] for i in sub], tok.pad_token_id, device)
+                        R = mb.response_ids.shape[1]  # a micro-batch may be narrower than the rollout batch
+                        logits, values = roles.forward(lm, mb, cfg.temperature)
+                        logprobs = gather_logprobs(logits, mb.response_ids)
+                        m = mb.response_mask
+                        pg_loss, clipfrac, approx_kl = ppo_policy_loss(
+                            logprobs, old_logprobs[sub, :R], advantages[sub, :R], m, cfg.clip_range
+                        )
+                        vf_loss, vf_clipfrac = ppo_value_loss(values, old_values[sub, :R], returns[sub, :R], m, cfg.vf_clip_range)
+                        loss = pg_loss + cfg.vf_coef * vf_loss
+                        if ref_logp_full is not None:  # exact KL(pi || pi_ref) per token, differentiable
+                            logp_full = torch.log_softmax(logits, -1)
+                            kl_exact = (logp_full.exp() * (logp_full - ref_logp_full[sub, :R])).sum(-1)  # (b, R)
+                            # whitening divided the policy-gradient term by std(A); the KL term gets the same
+                            # factor, else the effective coefficient becomes beta * std(A) and the optimum moves
+                            loss = loss + beta * adv_scale * masked_mean(kl_exact, m)
+                        (loss * len(sub) / len(idx)).backward()
+                        for k, v in (("loss", loss), ("pg", pg_loss), ("vf", vf_loss), ("clipfrac", clipfrac),
+                                     ("approx_kl", approx_kl), ("vf_clipfrac", vf_clipfrac)):
+                            stats[k].append(v.item())
+                    _average_grads(params, dist)
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                     opt.step()
-                    for k, v in (("loss", loss), ("pg", pg_loss), ("vf", vf_loss), ("clipfrac", clipfrac),
-                                 ("approx_kl", approx_kl), ("vf_clipfrac", vf_clipfrac)):
-                        stats[k].append(v.item())
 
-        # 6. log (names from DESIGN.md)
-        seq_kl = (kl.sum(-1)).mean().item()
+        # 6. KL controller, diagnostics (names from DESIGN.md), warnings, checkpoint
+        seq_kl = kl.sum(-1).mean()
+        seq_kl = (all_reduce(seq_kl, reduction="mean") if world > 1 else seq_kl).item()
+        kl_ctl.update(seq_kl, cfg.batch_size * world)
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-        on_step(step, {
+        metrics = {
             "train/loss": mean(stats["loss"]),
             "train/policy_loss": mean(stats["pg"]),
             "train/value_loss": mean(stats["vf"]),
@@ -189,12 +425,24 @@ def train(
             "train/reward": rewards.sum(-1).mean().item(),
             "train/kl": seq_kl,
             "train/kl_negative_frac": masked_mean((kl < 0).float(), mask).item(),
+            "train/kl_coef": beta,
             "train/entropy": entropy.item(),
             "train/clipfrac": mean(stats["clipfrac"]),
             "train/approx_kl": mean(stats["approx_kl"]),
             "train/vf_clipfrac": mean(stats["vf_clipfrac"]),
+            "train/explained_variance": explained_variance(old_values, returns, mask),
             "train/length": lengths.float().mean().item(),
             "train/eos_rate": ended.float().mean().item(),
             "time/rollout_s": t_gen,
             "time/step_s": time.perf_counter() - t0,
-        })
+        }
+        metrics = _mean_over_ranks(metrics, dist)
+        if dist.is_main_process:
+            watch.check(step, metrics)
+        if cfg.save_every and dist.is_main_process and (step % cfg.save_every == 0 or step == cfg.steps):
+            _save_checkpoint(cfg.checkpoint_dir, {
+                "step": step, "adapter": roles.state(), "optimizer": opt.state_dict(),
+                "rng": rng.getstate(), "order": order, "kl_coef": kl_ctl.value, "watch_first": watch.first,
+                "config": asdict(cfg),
+            })
+        on_step(step, metrics)

@@ -28,6 +28,7 @@ class RewardConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm.", "positive": True})
     max_prompt_tokens: int = field(default=64, metadata={"help": "Prompts keep their last N tokens.", "positive": True})
     max_response_tokens: int = field(default=64, metadata={"help": "Responses are cut to N tokens.", "positive": True})
+    normalize_on: int = field(default=256, metadata={"help": "Shift scores so reference responses average 0, estimated on up to N training responses (0 = off; N+ details)."})
     role: str = field(default="rm", metadata={"help": "Adapter name of the reward model on the shared base."})
     seed: int = field(default=0, metadata={"help": "Seed for shuffling."})
 
@@ -38,9 +39,20 @@ class RewardConfig:
 class RewardModel:
     """A trained reward model: scores token ids (fast path, same tokenizer) or text (re-tokenised)."""
 
-    def __init__(self, shared: SharedBase, cfg: RewardConfig, batch_size: int = 32):
+    def __init__(self, shared: SharedBase, cfg: RewardConfig, batch_size: int = 32, offset: float = 0.0):
         self.shared, self.cfg, self.batch_size = shared, cfg, batch_size
+        self.offset = offset  # subtracted from every score (reward normalisation)
         self.name = f"rm:{cfg.role}"
+
+    @property
+    def head(self) -> torch.nn.Linear:
+        return self.shared.heads[self.cfg.role]
+
+    def normalize(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> float:
+        """Set the offset so these (reference) responses score 0 on average; returns the offset."""
+        self.offset = 0.0
+        self.offset = float(self.score_ids(prompt_ids, response_ids).mean())
+        return self.offset
 
     @torch.no_grad()
     def score_ids(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -50,7 +62,7 @@ class RewardModel:
             for i in range(0, len(prompt_ids), self.batch_size):
                 batch = make_batch(prompt_ids[i : i + self.batch_size], response_ids[i : i + self.batch_size], pad, self.shared.device)
                 out.append(_scores(self.shared.heads[self.cfg.role], lm, batch).float().cpu())
-        return torch.cat(out) if out else torch.zeros(0)
+        return (torch.cat(out) - self.offset) if out else torch.zeros(0)
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
         """Text interface (any tokenizer upstream): (prompts, responses) -> scores."""
@@ -104,4 +116,12 @@ def train(
                     "epoch": epoch,
                     "time/step_s": time.perf_counter() - t0,
                 })
-    return RewardModel(shared, cfg)
+    rm = RewardModel(shared, cfg)
+    if cfg.normalize_on:
+        # the pairs' responses are samples of the reference policy (synthetic pairs) or the data PPO starts
+        # from: shift so they average 0, so the KL penalty and the score start on the same footing
+        n = min(cfg.normalize_on, 2 * len(data))
+        all_prompts, all_responses = data.prompt_ids * 2, data.chosen_ids + data.rejected_ids
+        sel = random.Random(cfg.seed).sample(range(len(all_responses)), n)
+        rm.normalize([all_prompts[i] for i in sel], [all_responses[i] for i in sel])
+    return rm
