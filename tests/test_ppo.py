@@ -1,0 +1,168 @@
+"""PPO recipe details one by one, reward sources, warnings, and checkpoint/resume."""
+
+import logging
+
+import pytest
+import torch
+
+from prefopt.backends import ppo
+from prefopt.models.base import char_tokenizer, load_base
+from prefopt.models.ops import encode_prompts, hidden_states, make_batch, response_logits, response_logprobs
+from prefopt.models.rewards import SequenceClassifierReward, text_score_fn
+from prefopt.models.shared import LoraSettings, SharedBase
+
+t = torch.tensor
+
+
+def test_eos_penalty_only_for_unterminated():
+    scores = t([1.0, 2.0, 3.0])
+    ended = t([True, False, True])
+    assert ppo.apply_eos_penalty(scores, ended, -1.0).tolist() == [1.0, -1.0, 3.0]
+    assert ppo.apply_eos_penalty(scores, ended, None).tolist() == [1.0, 2.0, 3.0]
+
+
+def test_score_lands_on_last_real_token():
+    kl = t([[0.1, 0.2, 0.3], [0.5, 0.0, 0.0]])
+    mask = t([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    rewards = ppo.kl_penalised_rewards(t([10.0, 20.0]), kl, mask, t([3, 1]), kl_coef=0.5)
+    expected = t([[-0.05, -0.1, 10.0 - 0.15], [20.0 - 0.25, 0.0, 0.0]])
+    assert torch.allclose(rewards, expected)
+
+
+def test_truncate_at_stop_token():
+    assert ppo.truncate_at([[5, 9, 7, 9], [1, 2]], 9) == [[5, 9], [1, 2]]
+    assert ppo.truncate_at([[5, 9]], None) == [[5, 9]]
+
+
+def test_adaptive_kl_controller_hand_computed():
+    ctl = ppo.KLController(0.1, target=6.0, horizon=10_000)
+    ctl.update(kl=9.0, n=100)  # error = clip(9/6 - 1) = 0.2 -> beta * (1 + 0.2 * 100/10000)
+    assert ctl.value == pytest.approx(0.1 * 1.002)
+    ctl.update(kl=5.4, n=1000)  # error = -0.1 -> * (1 - 0.01)
+    assert ctl.value == pytest.approx(0.1 * 1.002 * 0.99)
+    fixed = ppo.KLController(0.1)
+    fixed.update(kl=100.0, n=100)
+    assert fixed.value == 0.1
+
+
+def test_explained_variance():
+    returns = t([[1.0, 2.0, 3.0, 4.0]])
+    mask = torch.ones(1, 4)
+    assert ppo.explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    assert ppo.explained_variance(torch.zeros(1, 4), returns, mask) == pytest.approx(0.0)
+
+
+def test_logprobs_use_the_sampling_temperature(tiny):
+    """Sampling at temperature T draws from softmax(logits / T): our log-probs at T must match the sampler."""
+    lm, tok = tiny
+    prompt = encode_prompts(["ab"], tok, 64)
+    from prefopt.models.ops import sample
+
+    with torch.no_grad():
+        lm.model.norm.weight.mul_(6.0)  # a peaked distribution, so T=0.5 and T=1 differ clearly
+    T, n = 0.5, 20_000
+    draws = sample(lm, tok, prompt * n, max_new_tokens=1, temperature=T, seed=0, batch_size=n)
+    counts = torch.bincount(torch.tensor([d[0] for d in draws]), minlength=len(tok)).float() / n
+    batch = make_batch(prompt, [[0]], tok.pad_token_id, "cpu")
+    probs_T = response_logits(lm, hidden_states(lm, batch), batch, temperature=T)[0, 0].softmax(-1)
+    probs_1 = response_logits(lm, hidden_states(lm, batch), batch, temperature=1.0)[0, 0].softmax(-1)
+    tv_T = 0.5 * (counts - probs_T).abs().sum().item()
+    tv_1 = 0.5 * (counts - probs_1).abs().sum().item()
+    assert tv_T < 0.03 and tv_1 > 0.1, (tv_T, tv_1)
+    # and response_logprobs applies T the same way
+    lp = response_logprobs(lm, make_batch(prompt, [[5]], tok.pad_token_id, "cpu"), temperature=T)
+    assert lp[0, 0].item() == pytest.approx(probs_T[5].log().item(), abs=1e-5)
+
+
+def test_text_score_fn_decodes_and_validates(tiny):
+    _, tok = tiny
+    fn = text_score_fn(lambda ps, rs: [float(len(r)) for r in rs], tok, name="len")
+    ids = [tok("hello", add_special_tokens=False).input_ids]
+    assert fn(ids, [tok("abc", add_special_tokens=False).input_ids]).tolist() == [3.0]
+    bad = text_score_fn(lambda ps, rs: [float("nan")] * len(rs), tok, name="nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        bad(ids, ids)
+
+
+def test_reward_model_with_another_tokenizer(tiny):
+    """A classifier with its own vocabulary scores the policy's decoded text (re-tokenised)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    _, policy_tok = tiny
+    vocab = {"[pad]": 0, "[unk]": 1, **{w: i + 2 for i, w in enumerate(["good", "bad", "movie", "the"])}}
+    wtk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[unk]"))
+    wtk.pre_tokenizer = pre_tokenizers.Whitespace()
+    other_tok = PreTrainedTokenizerFast(tokenizer_object=wtk, pad_token="[pad]", unk_token="[unk]")
+    torch.manual_seed(0)
+    clf = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
+                                                     num_hidden_layers=1, num_attention_heads=2, num_labels=2,
+                                                     pad_token_id=0))
+    reward = SequenceClassifierReward(clf, other_tok)
+    fn = text_score_fn(reward.score, policy_tok)
+    prompt = [policy_tok("the movie ", add_special_tokens=False).input_ids] * 2
+    resp = [policy_tok(w, add_special_tokens=False).input_ids for w in ("good", "bad")]
+    got = fn(prompt, resp)
+    with torch.no_grad():
+        enc = other_tok(["the movie good", "the movie bad"], return_tensors="pt", padding=True)
+        expected = clf(**enc).logits[:, 1]
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_negative_kl_warning(caplog):
+    w = ppo._Watch()
+    base = {"train/kl": 0.5, "train/eos_rate": 0.5, "train/length": 10.0}
+    w.check(1, base)
+    with caplog.at_level(logging.WARNING, logger="prefopt.ppo"):
+        w.check(2, {**base, "train/kl": -0.2, "train/eos_rate": 0.1, "train/length": 25.0})
+        w.check(3, {**base, "train/kl": -0.2})
+    msgs = [r.getMessage() for r in caplog.records]
+    assert sum("negative" in m for m in msgs) == 1  # said once, not every step
+    assert any("EOS rate collapsed" in m for m in msgs)
+    assert any("length drifted" in m for m in msgs)
+
+
+def _run_ppo(tmp_path, steps, stop_after=None, resume=False):
+    lm, tok = load_base("tiny", device=torch.device("cpu"), seed=0)
+    shared = SharedBase(lm, tok, LoraSettings(r=4, alpha=8))
+    prompts = encode_prompts([f"prompt {i}" for i in range(6)], tok, 32)
+    target = tok("e", add_special_tokens=False).input_ids[0]
+
+    def score_fn(p, r):  # reward: fraction of 'e' characters
+        return t([sum(x == target for x in resp) / max(len(resp), 1) for resp in r])
+
+    cfg = ppo.PPOConfig(steps=steps, batch_size=6, mini_batch_size=3, grad_accum=3, ppo_epochs=2,
+                        max_new_tokens=6, learning_rate=1e-2, kl_target=1.0, seed=3,
+                        save_every=1, checkpoint_dir=str(tmp_path / "ckpt"))
+    log = []
+
+    def on_step(step, m):
+        log.append((step, m))
+        if stop_after is not None and step == stop_after:
+            raise KeyboardInterrupt  # "killed" right after step `stop_after` was checkpointed
+
+    try:
+        ppo.train(shared, prompts, score_fn, cfg, on_step=on_step, resume=resume)
+    except KeyboardInterrupt:
+        pass
+    return log
+
+
+def test_resume_continues_like_uninterrupted_run(tmp_path):
+    full = _run_ppo(tmp_path / "a", steps=4)
+    _run_ppo(tmp_path / "b", steps=4, stop_after=2)
+    resumed = _run_ppo(tmp_path / "b", steps=4, resume=True)
+    assert [s for s, _ in resumed] == [3, 4]
+    for (s1, m1), (s2, m2) in zip(full[2:], resumed):
+        assert s1 == s2
+        for k in ("train/loss", "train/kl", "train/score", "train/kl_coef", "train/clipfrac", "train/value_loss"):
+            assert m1[k] == pytest.approx(m2[k], rel=1e-4, abs=1e-6), (s1, k)
+
+
+def test_ppo_config_validation():
+    with pytest.raises(ValueError, match="grad_accum"):
+        ppo.PPOConfig(mini_batch_size=16, grad_accum=3)
+    with pytest.raises(ValueError, match="kl_in"):
+        ppo.PPOConfig(kl_in="both")
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        ppo.PPOConfig(save_every=2)
