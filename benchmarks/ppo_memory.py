@@ -9,7 +9,8 @@ Each layout runs in a fresh subprocess (peak RSS is per process), same PPO setti
                   reward model (LoRA + head) — the layout of trl <= 0.29's PPOTrainer
 
 Reported: bytes of resident model weights (unique tensor storages), peak RSS after loading and after the PPO
-steps, seconds per PPO step (mean of the steps after the first). Usage:
+steps (the counter is reset after loading, so the step peak excludes GGUF dequantisation), seconds per PPO
+step (mean of the steps after the first). Usage:
 
     python benchmarks/ppo_memory.py --out results/ppo_memory.json            # all layouts, SmolLM2-135M
     python benchmarks/ppo_memory.py --model tiny --steps 2 --out /tmp/m.json  # quick check
@@ -40,7 +41,22 @@ def _rss_mib() -> float:
 
 
 def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """Peak RSS since the last _reset_peak() (VmHWM); the process-lifetime peak if it could not be reset."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak() -> bool:
+    """Reset the peak-RSS counter (Linux >= 4.0), so the PPO steps' peak is not the model loading's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def _trim() -> None:
@@ -90,7 +106,8 @@ def run_layout(layout: str, model: str, steps: int, threads: int) -> dict:
     reward.add_role("rm", head=True)
     rm = RewardModel(reward, RewardConfig())
     _trim()
-    loaded = {"rss_after_load_mib": _rss_mib(), "rss_base_model_mib": rss_base}
+    loaded = {"rss_after_load_mib": _rss_mib(), "rss_base_model_mib": rss_base,
+              "load_peak_rss_mib": _peak_rss_mib(), "peak_reset": _reset_peak()}
     prompts = encode_prompts([p.prompt for p in sentiment_prompts()[:64]], tok, cfg.max_prompt_tokens)
     times: list[float] = []
     ppo.train(policy, prompts, rm.score_ids, cfg, reference=reference if layout == "copies" else None,
@@ -103,7 +120,7 @@ def run_layout(layout: str, model: str, steps: int, threads: int) -> dict:
         "ppo": {k: getattr(cfg, k) for k in ("batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens")},
         "weight_bytes": _weight_bytes(*modules),
         **loaded,
-        "peak_rss_mib": _peak_rss_mib(),
+        "peak_rss_mib": _peak_rss_mib(),  # of the PPO steps (since the reset)
         "s_per_step": sum(after) / len(after),
         "step_times_s": times,
     }
