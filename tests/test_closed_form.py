@@ -8,12 +8,10 @@ on Bradley–Terry pairs sampled from r with the same beta (the DPO paper's equi
 
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from prefopt.backends import dpo, ppo
 from prefopt.data.records import PreferencePair
-from prefopt.models.base import tiny_causal_lm
+from prefopt.models.base import char_tokenizer, tiny_causal_lm
 from prefopt.models.ops import hidden_states, make_batch, response_logits
 from prefopt.models.shared import LoraSettings, SharedBase
 
@@ -23,18 +21,8 @@ BETA = 1.0
 PROMPT = "abc"
 
 
-def _tokenizer():
-    vocab = {"<eos>": 0, **{c: i + 1 for i, c in enumerate(ACTIONS)}}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<eos>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>", unk_token="<eos>")
-    tok.padding_side = "left"
-    return tok
-
-
 def _setup():
-    tok = _tokenizer()
+    tok = char_tokenizer(ACTIONS, unk=False)  # <eos> = 0, 'a'..'g' = 1..7
     lm = tiny_causal_lm(len(tok), seed=0)
     with torch.no_grad():
         lm.model.norm.weight.mul_(4.0)  # peaked pi_ref, and logits large enough for the LoRA policy to reach pi*

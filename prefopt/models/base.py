@@ -68,18 +68,21 @@ def pick_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def char_tokenizer():
-    """A character-level fast tokenizer built in memory (for tiny test models; pad == eos like SmolLM2)."""
+def char_tokenizer(alphabet: str = string.printable, *, unk: bool = True):
+    """A character-level fast tokenizer built in memory (tiny test models; pad == eos like SmolLM2).
+
+    Ids: ``<unk>`` (if ``unk``), ``<eos>``, then one per character of ``alphabet``. Without ``unk`` the vocabulary
+    is exactly ``<eos>`` + the alphabet (closed-form tests want every token to be an action).
+    """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<unk>", "<eos>"]
-    chars = list(string.printable)
-    vocab = {tok: i for i, tok in enumerate(specials + chars)}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    specials = ["<unk>", "<eos>"] if unk else ["<eos>"]
+    vocab = {tok: i for i, tok in enumerate(specials + list(alphabet))}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token=specials[0]))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tk.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token=specials[0], eos_token="<eos>", pad_token="<eos>")
     tok.padding_side = "left"
     return tok
 
