@@ -68,6 +68,10 @@ def bench(
     overwrite: bool = typer.Option(False, help="Replace an existing run folder (only after the new run succeeded)."),
 ) -> None:
     """Run the whole comparison: pairs -> reward model -> PPO, DPO -> held-out evaluation -> report."""
+    import warnings
+
+    # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: noise, not news
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     from prefopt.bench import PRESETS, run_bench
     from prefopt.bench import preset as make_preset
     from prefopt.data.records import DataError
