@@ -31,7 +31,7 @@ from prefopt.data.synthetic import AnnotatorConfig, simulate_preferences
 from prefopt.data.tasks import sentiment_prompts
 from prefopt.eval.harness import REFERENCE, EvalConfig, evaluate
 from prefopt.models.base import load_base, pick_device
-from prefopt.models.ops import decode_responses, encode_prompts, render_prompt, sample
+from prefopt.models.ops import decode_responses, encode_prompts, ends_with_eos, render_prompt, sample
 from prefopt.models.rewards import SequenceClassifierReward, text_score_fn
 from prefopt.models.shared import LoraSettings, SharedBase
 from prefopt.reports import write_run
@@ -200,6 +200,7 @@ def synthesize_pairs(shared: SharedBase, judge, prompts: list[PromptRecord], cfg
     texts = decode_responses(responses, tok)
     rendered = [render_prompt(p.prompt, tok) for p in prompts for _ in range(d.k)]
     scores = judge.score(rendered, texts)
+    ended = ends_with_eos(responses, tok.eos_token_id)
     eos = {}
     grouped_texts, grouped_scores = [], []
     for i in range(len(prompts)):
@@ -207,7 +208,7 @@ def synthesize_pairs(shared: SharedBase, judge, prompts: list[PromptRecord], cfg
         grouped_texts.append([texts[j] for j in rows])
         grouped_scores.append([float(scores[j]) for j in rows])
         for j in rows:
-            eos[(i, texts[j])] = len(responses[j]) > 0 and responses[j][-1] == tok.eos_token_id
+            eos[(i, texts[j])] = ended[j]
     pairs = simulate_preferences(
         [p.prompt for p in prompts], grouped_texts, grouped_scores,
         annotator=d.annotator, pairs_per_prompt=d.pairs_per_prompt, seed=cfg.seed,

@@ -17,7 +17,15 @@ import torch
 from prefopt.data.judges import Judge
 from prefopt.data.records import PromptRecord
 from prefopt.eval.metrics import distinct_n, mean_ci, win_rate
-from prefopt.models.ops import decode_responses, encode_prompts, make_batch, render_prompt, response_logprobs, sample
+from prefopt.models.ops import (
+    decode_responses,
+    encode_prompts,
+    ends_with_eos,
+    make_batch,
+    render_prompt,
+    response_logprobs,
+    sample,
+)
 from prefopt.models.shared import SharedBase
 
 REFERENCE = "reference"
@@ -90,7 +98,7 @@ def evaluate(
             "proxy": proxy(prompt_ids, responses).tolist() if proxy else [math.nan] * len(texts),
             "kl": _sequence_kl(shared, role, prompt_ids, responses, cfg),
             "length": [len(r) for r in responses],
-            "eos": [len(r) > 0 and r[-1] == tok.eos_token_id for r in responses],
+            "eos": ends_with_eos(responses, tok.eos_token_id),
         }
 
     ref_gold = per_policy[REFERENCE]["gold"]

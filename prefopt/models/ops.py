@@ -200,10 +200,6 @@ def decode_responses(response_ids: Sequence[Sequence[int]], tokenizer) -> list[s
     return tokenizer.batch_decode(response_ids, skip_special_tokens=True)
 
 
-def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    return torch.where(mask.bool(), x, torch.zeros_like(x)).sum(dim)
-
-
 __all__ = [
     "SeqBatch",
     "make_batch",
@@ -220,5 +216,4 @@ __all__ = [
     "sample",
     "ends_with_eos",
     "decode_responses",
-    "masked_sum",
 ]
