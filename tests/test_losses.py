@@ -14,6 +14,7 @@ from prefopt.backends.losses import (
     ppo_policy_loss,
     ppo_value_loss,
     whiten,
+    whiten_scaled,
 )
 
 t = torch.tensor
@@ -175,3 +176,16 @@ def test_ppo_value_loss_hand_computed():
     # V = 2, V_old = 0, R = 3: clipped 0.5 -> (0.5-3)^2 = 6.25 > 1 -> 3.125, clipped branch
     loss, vf_clip = ppo_value_loss(t([2.0]), t([0.0]), t([3.0]), t([1.0]), 0.5)
     assert loss.item() == pytest.approx(3.125) and vf_clip.item() == 1.0
+
+
+def test_whiten_across_ranks_equals_whitening_the_pooled_data():
+    # two ranks holding identical data: all-reducing partial sums doubles them; the result must equal whitening
+    # both copies together, and the returned scale is 1 / (unbiased std) of the pooled data
+    torch.manual_seed(3)
+    x = torch.randn(3, 5)
+    mask = (torch.rand(3, 5) > 0.3).float()
+    out, scale = whiten_scaled(x, mask, sum_across=lambda t: 2 * t)
+    pooled = whiten(torch.cat([x, x]), torch.cat([mask, mask]))
+    assert torch.allclose(out, pooled[:3], atol=1e-6)
+    vals = torch.cat([x[mask.bool()], x[mask.bool()]])
+    assert scale.item() == pytest.approx(1 / vals.std(unbiased=True).item(), rel=1e-5)

@@ -9,6 +9,8 @@ details of RLHF with PPO").
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -34,13 +36,25 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """Normalise ``x`` to unit variance (and zero mean if ``shift_mean``) over masked positions; padding -> 0."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return torch.where(mask.bool(), out, torch.zeros_like(out))
+def whiten_scaled(
+    x: torch.Tensor, mask: torch.Tensor, *, eps: float = 1e-8, sum_across: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero mean, unit (unbiased) variance over masked positions; padding -> 0. Returns (whitened, 1/std).
+
+    ``sum_across`` all-reduces partial sums, so the statistics span every process's positions (several ranks).
+    """
+    m = mask.bool()
+    total = sum_across or (lambda t: t)
+    s = total(torch.stack([torch.where(m, x, torch.zeros_like(x)).sum(), m.sum().to(x.dtype)]))
+    mean, n = s[0] / s[1].clamp(min=1), s[1]
+    sq = total(torch.where(m, (x - mean) ** 2, torch.zeros_like(x)).sum())  # two passes: stable
+    scale = torch.rsqrt(sq / (n - 1).clamp(min=1) + eps)
+    return torch.where(m, (x - mean) * scale, torch.zeros_like(x)), scale
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Normalise ``x`` to zero mean and unit variance over masked positions; padding -> 0."""
+    return whiten_scaled(x, mask, eps=eps)[0]
 
 
 def dpo_loss(

@@ -33,6 +33,7 @@ from prefopt.backends.losses import (
     masked_var,
     ppo_policy_loss,
     ppo_value_loss,
+    whiten_scaled,
 )
 from prefopt.models.ops import (
     SeqBatch,
@@ -234,21 +235,6 @@ class _Watch:
 # --------------------------------------------------------------------------------------- several processes (DDP)
 # Under `accelerate launch` every rank samples its own rollouts; whitening uses statistics over all ranks, and
 # gradients are averaged across ranks before every optimiser step (what DDP does), so the ranks stay identical.
-def _whiten_global(
-    x: torch.Tensor, mask: torch.Tensor, dist: PartialState, eps: float = 1e-8
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Whitened ``x`` over all ranks' masked positions, and the scale 1/std that was applied."""
-    m = mask.bool()
-    xm = torch.where(m, x, torch.zeros_like(x))
-    s = torch.stack([xm.sum(), (xm**2).sum(), m.sum().to(x.dtype)])
-    if dist.num_processes > 1:
-        s = all_reduce(s, reduction="sum")
-    mean = s[0] / s[2]
-    var = (s[1] / s[2] - mean**2) * s[2] / (s[2] - 1).clamp(min=1)  # unbiased, as in losses.whiten
-    scale = torch.rsqrt(var.clamp(min=0) + eps)
-    return torch.where(m, (x - mean) * scale, torch.zeros_like(x)), scale
-
-
 def _average_grads(params: list[torch.nn.Parameter], dist: PartialState) -> None:
     if dist.num_processes == 1:
         return
@@ -376,8 +362,9 @@ def train(
             # 4. advantages (GAE over response tokens) and value targets
             advantages, returns = gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
             adv_scale = torch.ones((), device=device)
-            if cfg.whiten_advantages:
-                advantages, adv_scale = _whiten_global(advantages, mask, dist)
+            if cfg.whiten_advantages:  # statistics over every rank's rollouts
+                sum_across = (lambda t: all_reduce(t, reduction="sum")) if world > 1 else None
+                advantages, adv_scale = whiten_scaled(advantages, mask, sum_across=sum_across)
 
         # 5. update: ppo_epochs passes of minibatches (each accumulated over grad_accum micro-batches)
         stats: dict[str, list[float]] = {k: [] for k in ("loss", "pg", "vf", "clipfrac", "approx_kl", "vf_clipfrac")}

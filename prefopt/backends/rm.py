@@ -39,9 +39,9 @@ class RewardConfig:
 class RewardModel:
     """A trained reward model: scores token ids (fast path, same tokenizer) or text (re-tokenised)."""
 
-    def __init__(self, shared: SharedBase, cfg: RewardConfig, batch_size: int = 32, offset: float = 0.0):
+    def __init__(self, shared: SharedBase, cfg: RewardConfig, batch_size: int = 32):
         self.shared, self.cfg, self.batch_size = shared, cfg, batch_size
-        self.offset = offset  # subtracted from every score (reward normalisation)
+        self.offset = 0.0  # subtracted from every score (reward normalisation, set by normalize())
         self.name = f"rm:{cfg.role}"
 
     @property
@@ -61,7 +61,7 @@ class RewardModel:
         with self.shared.role(self.cfg.role) as lm:
             for i in range(0, len(prompt_ids), self.batch_size):
                 batch = make_batch(prompt_ids[i : i + self.batch_size], response_ids[i : i + self.batch_size], pad, self.shared.device)
-                out.append(_scores(self.shared.heads[self.cfg.role], lm, batch).float().cpu())
+                out.append(_scores(self.head, lm, batch).float().cpu())
         return (torch.cat(out) - self.offset) if out else torch.zeros(0)
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
