@@ -82,6 +82,7 @@ def run_layout(layout: str, model: str, steps: int, threads: int) -> dict:
     import torch
 
     from prefopt.backends import ppo
+    from prefopt.backends._common import TrainData
     from prefopt.backends.rm import RewardConfig, RewardModel
     from prefopt.data.tasks import sentiment_prompts
     from prefopt.models.base import load_base
@@ -110,7 +111,8 @@ def run_layout(layout: str, model: str, steps: int, threads: int) -> dict:
               "load_peak_rss_mib": _peak_rss_mib(), "peak_reset": _reset_peak()}
     prompts = encode_prompts([p.prompt for p in sentiment_prompts()[:64]], tok, cfg.max_prompt_tokens)
     times: list[float] = []
-    ppo.train(policy, prompts, rm.score_ids, cfg, reference=reference if layout == "copies" else None,
+    ppo.train(policy, cfg, TrainData(prompts=prompts, score_fn=rm.score_ids),
+              reference=reference if layout == "copies" else None,
               value_base=value if layout == "copies" else None,
               on_step=lambda s, m: times.append(m["time/step_s"]))
     modules = [b.lm for b in bases] + [h for b in bases for h in b.heads.values()]

@@ -20,6 +20,7 @@ def run(placement: str, model: str, steps: int, seed: int) -> dict:
     import torch
 
     from prefopt.backends import ppo
+    from prefopt.backends._common import TrainData
     from prefopt.data.judges import VaderJudge
     from prefopt.data.split import split_prompts
     from prefopt.data.tasks import sentiment_prompts
@@ -31,12 +32,12 @@ def run(placement: str, model: str, steps: int, seed: int) -> dict:
     lm, tok = load_base(model, device=torch.device("cpu"), seed=seed)
     shared = SharedBase(lm, tok, LoraSettings())
     split = split_prompts(sentiment_prompts(), n_eval=128, n_train=128, seed=seed)  # the bench's split
-    cfg = ppo.PPOConfig(steps=steps, value_adapter=placement == "adapter", seed=seed)
+    cfg = ppo.PPOConfig(steps=steps, value_adapter=placement == "adapter", seed=seed, reward="gold")
     prompts = encode_prompts([p.prompt for p in split.train], tok, cfg.max_prompt_tokens)
     judge = VaderJudge()
     log: list[dict] = []
     t0 = time.perf_counter()
-    ppo.train(shared, prompts, text_score_fn(judge.score, tok, name="vader"), cfg,
+    ppo.train(shared, cfg, TrainData(prompts=prompts, score_fn=text_score_fn(judge.score, tok, name="vader")),
               on_step=lambda s, m: log.append({"step": s, **m}))
     keys = ("train/score", "train/kl", "train/explained_variance", "train/value_loss", "time/step_s")
     return {"placement": placement, "wall_s": round(time.perf_counter() - t0, 1),

@@ -1,21 +1,27 @@
 """``prefopt``: thin typer commands over library functions.
 
-User errors (bad input file, unknown model, bad option value) print one line and exit 1; usage errors exit 2
-(typer's own). Nothing is written for a run that fails.
+Every command takes its config the same way: ``--preset`` (a named start), ``--config FILE`` (YAML, TOML or JSON),
+then ``--set section.field=value`` overrides (repeatable), validated once before any compute; ``prefopt config``
+prints every field with its help text. User errors (any :class:`~prefopt.errors.PrefoptError`: bad input file,
+config, model, judge, output folder) print one line and exit 1; usage errors exit 2 (typer's own); Ctrl-C exits
+130. Nothing is written for a run that fails.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import shlex
+import sys
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
 
 app = typer.Typer(
-    help="Compare preference-optimisation algorithms (PPO with a reward model vs DPO) on identical LoRA bases, "
-    "one data layer and one gold-judged evaluation harness.",
+    help="Compare preference-optimisation algorithms (PPO with a reward model, DPO and relatives) on identical "
+    "LoRA bases, one data layer and one gold-judged evaluation harness.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -23,130 +29,216 @@ app = typer.Typer(
 err = Console(stderr=True)
 out = Console()
 
+PRESET = typer.Option("default", help="Starting config: 'default' (SmolLM2-135M, sentiment) or 'smoke' (tiny model, seconds).")
+CONFIG = typer.Option(None, "--config", help="Config file (YAML, TOML or JSON); `prefopt config --json` writes one.")
+SET = typer.Option(None, "--set", help="Override a field: --set ppo.kl_coef=0.1 (repeatable; `prefopt config` lists fields).")
+OVERWRITE = typer.Option(False, help="Replace an existing prefopt folder at --out (only after the new one is complete).")
 
-def _fail(msg: str) -> None:
+
+def _fail(msg: str, code: int = 1) -> None:
     err.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
+    raise typer.Exit(code)
 
 
-def _parse_range(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
+@contextmanager
+def _user_errors():
+    """One error root, mapped once: a PrefoptError is one line and exit 1; Ctrl-C is exit 130."""
+    from prefopt.errors import PrefoptError
+
+    # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: noise, not news
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
-        lo, hi = (int(x) for x in text.split("-", 1)) if "-" in text else (int(text), int(text))
-    except ValueError:
-        raise typer.BadParameter(f"expected N or LO-HI, got {text!r}") from None
-    if not 1 <= lo <= hi:
-        raise typer.BadParameter(f"expected 1 <= LO <= HI, got {text!r}")
-    return lo, hi
+        yield
+    except PrefoptError as e:
+        _fail(" ".join(str(e).split()))
+    except KeyboardInterrupt:
+        _fail("interrupted: nothing was written", 130)
+
+
+def _command_line() -> str:
+    return "prefopt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _load(preset: str, config: Optional[Path], sets: Optional[List[str]]):
+    from prefopt.pipeline.config import load_config
+
+    return load_config(preset, str(config) if config else None, tuple(sets or ()))
+
+
+def _print_result(result) -> None:
+    from prefopt.reports import console_table
+
+    if result.summary:
+        out.print(console_table(result.summary))
+    stages = ", ".join(f"{k} {v:.0f}s" for k, v in result.timings.items())
+    hits = f" (from the cache: {', '.join(result.cache_hits)})" if result.cache_hits else ""
+    out.print(f"run folder: {result.out_dir}\ntimings: {stages}{hits}", highlight=False)
 
 
 @app.command()
 def bench(
-    preset: str = typer.Option("default", help="Starting config: 'default' (SmolLM2-135M, < 20 min on 2 CPU cores) or 'smoke' (tiny model, < 1 min)."),
-    model: Optional[str] = typer.Option(None, help="Base model: 'smollm2-135m-instruct', 'tiny', a hub id, a local dir or a .gguf file."),
-    prompts: Optional[str] = typer.Option(None, help="Prompts: 'embedded:sentiment', a .jsonl/.csv/.parquet file, or a hub dataset name."),
-    prompt_field: Optional[str] = typer.Option(None, help="Column holding the prompt (default 'prompt')."),
-    prefix_words: Optional[str] = typer.Option(None, help="Use the first LO-HI words of --prompt-field's text as the prompt (e.g. 2-8 for IMDb reviews)."),
-    pairs: Optional[str] = typer.Option(None, help="Preference pairs (file or hub dataset) instead of synthetic pairs."),
-    judge: Optional[str] = typer.Option(None, help="Gold judge: 'vader', 'hf:<model>' or 'py:module:function'."),
-    algorithms: Optional[str] = typer.Option(None, help="Comma-separated subset of: ppo,dpo."),
-    n_eval: Optional[int] = typer.Option(None, help="Held-out evaluation prompts."),
-    n_train: Optional[int] = typer.Option(None, help="Training prompts (synthetic pairs and PPO)."),
-    k: Optional[int] = typer.Option(None, help="Responses per prompt for synthetic pairs."),
-    ppo_steps: Optional[int] = typer.Option(None, help="PPO iterations."),
-    rm_epochs: Optional[int] = typer.Option(None, help="Reward-model epochs over the pairs."),
-    dpo_epochs: Optional[int] = typer.Option(None, help="DPO epochs over the pairs."),
-    dpo_beta: Optional[float] = typer.Option(None, help="DPO beta."),
-    kl_coef: Optional[float] = typer.Option(None, help="PPO KL penalty coefficient."),
-    kl_target: Optional[float] = typer.Option(None, help="PPO adaptive KL controller target (sequence KL in nats)."),
-    ppo_reward: Optional[str] = typer.Option(None, help="PPO's reward: 'rm', 'gold' (PPO-GT), 'hf:<classifier>', 'py:module:function'."),
-    seed: Optional[int] = typer.Option(None, help="Master seed."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: all cores)."),
-    device: Optional[str] = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
+    preset: str = PRESET,
+    config: Optional[Path] = CONFIG,
+    set_: Optional[List[str]] = SET,
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/bench-<time>)."),
-    overwrite: bool = typer.Option(False, help="Replace an existing run folder (only after the new run succeeded)."),
+    overwrite: bool = OVERWRITE,
+    cache: Optional[Path] = typer.Option(None, help="Reuse synthetic pairs and reward models from this folder across runs."),
 ) -> None:
-    """Run the whole comparison: pairs -> reward model -> PPO, DPO -> held-out evaluation -> report."""
-    import warnings
+    """Run the whole comparison: pairs -> reward model -> every policy -> held-out evaluation -> report."""
+    with _user_errors():
+        from prefopt.pipeline.bench import run
 
-    # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: noise, not news
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    from prefopt.bench import PRESETS, run_bench
-    from prefopt.bench import preset as make_preset
-    from prefopt.data.records import DataError
-    from prefopt.models.base import ModelError
-
-    try:
-        if preset not in PRESETS:
-            raise typer.BadParameter(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}", param_hint="--preset")
-        cfg = make_preset(preset)
-        d = cfg.data
-        overrides = [
-            (cfg, "model", model), (cfg, "judge", judge), (cfg, "seed", seed), (cfg, "threads", threads),
-            (cfg, "device", device), (d, "prompts", prompts), (d, "prompt_field", prompt_field),
-            (d, "prefix_words", _parse_range(prefix_words)), (d, "pairs", pairs), (d, "n_eval", n_eval),
-            (d, "n_train", n_train), (d, "k", k), (cfg.ppo, "steps", ppo_steps), (cfg.rm, "epochs", rm_epochs),
-            (cfg.dpo, "epochs", dpo_epochs), (cfg.dpo, "beta", dpo_beta), (cfg.ppo, "kl_coef", kl_coef),
-            (cfg.ppo, "kl_target", kl_target), (cfg, "ppo_reward", ppo_reward),
-        ]
-        for obj, name, value in overrides:
-            if value is not None:
-                setattr(obj, name, value)
-        if algorithms is not None:
-            cfg.algorithms = tuple(a.strip() for a in algorithms.split(",") if a.strip())
-        # re-run every config's validation after the overrides
-        for c in (cfg, cfg.data, cfg.data.annotator, cfg.lora, cfg.rm, cfg.ppo, cfg.dpo):
-            if hasattr(c, "__post_init__"):
-                c.__post_init__()
-        if seed is not None:  # one master seed drives every stage
-            for c in (cfg.rm, cfg.ppo, cfg.dpo):
-                c.seed = seed
-    except ValueError as e:
-        if isinstance(e, typer.BadParameter):
-            raise
-        _fail(str(e))
-
-    try:
-        result = run_bench(cfg, out_dir, console=err, overwrite=overwrite)
-    except (DataError, ModelError, FileExistsError) as e:
-        _fail(str(e))
-    from prefopt.reports import console_table
-
-    out.print(console_table(result.summary))
-    stages = ", ".join(f"{k} {v:.0f}s" for k, v in result.timings.items())
-    out.print(f"run folder: {result.out_dir}\ntimings: {stages}", highlight=False)
+        cfg = _load(preset, config, set_)
+        result = run(cfg, out_dir, cache_dir=cache, console=err, overwrite=overwrite, extra_meta={"command": _command_line()})
+    _print_result(result)
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="A run folder written by `prefopt bench`.")) -> None:
-    """Print a finished run's comparison table (from its files; no model is loaded)."""
-    from prefopt.reports import console_table, load_run
+def train(
+    preset: str = PRESET,
+    config: Optional[Path] = CONFIG,
+    set_: Optional[List[str]] = SET,
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/bench-<time>)."),
+    overwrite: bool = OVERWRITE,
+    cache: Optional[Path] = typer.Option(None, help="Reuse synthetic pairs and reward models from this folder across runs."),
+) -> None:
+    """Train every policy and save it (PEFT adapter folders), without the final evaluation (`prefopt eval` does it)."""
+    with _user_errors():
+        from prefopt.pipeline.bench import run
 
-    if not run_dir.is_dir():
-        _fail(f"{run_dir}: no such run folder")
-    try:
-        run = load_run(run_dir)
-    except ValueError as e:
-        _fail(str(e))
-    out.print(console_table(run["summary"]))
-    timings = run["meta"].get("timings_s", {})
-    if timings:
-        out.print("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()), highlight=False)
+        cfg = _load(preset, config, set_)
+        result = run(cfg, out_dir, evaluate_policies=False, cache_dir=cache, console=err, overwrite=overwrite,
+                     extra_meta={"command": _command_line()})
+    _print_result(result)
+
+
+@app.command("eval")
+def eval_(
+    runs: List[Path] = typer.Argument(..., help="Run folders written by `prefopt bench` or `prefopt train`."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Change eval.* or judge, e.g. --set eval.max_new_tokens=48."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Result folder (default runs/eval-<time>)."),
+    overwrite: bool = OVERWRITE,
+) -> None:
+    """Evaluate saved policies and the reference together: every eval metric and every head-to-head win rate."""
+    with _user_errors():
+        from prefopt.pipeline.evaluate import evaluate_runs
+        from prefopt.reports.tables import head_to_head_markdown
+
+        result = evaluate_runs(runs, out_dir, sets=tuple(set_ or ()), console=err, overwrite=overwrite)
+    _print_result(result)
+    if any(r["metric"].startswith("eval/win_rate_vs_") and r["metric"] != "eval/win_rate_vs_ref" for r in result.summary):
+        out.print("head to head (row vs column, gold win rate, ties half):")
+        out.print(head_to_head_markdown(result.summary, []), highlight=False, soft_wrap=True)
 
 
 @app.command()
-def config(preset: str = typer.Option("default", help="Preset to show.")) -> None:
-    """Print a preset's resolved config as JSON (every field of every stage)."""
+def sweep(
+    sweep_file: Path = typer.Argument(..., help="Sweep file (YAML, TOML or JSON): arms, grids, seeds; see the README."),
+    out_dir: Path = typer.Option(..., "--out", help="Sweep folder: cells/, cache/ and the study (sweep.db)."),
+    set_: Optional[List[str]] = SET,
+    storage: Optional[str] = typer.Option(None, help="Optuna storage URL shared by all workers (default sqlite:///<out>/sweep.db)."),
+    heartbeat: int = typer.Option(30, help="Seconds between a worker's heartbeats."),
+    grace: Optional[int] = typer.Option(None, help="Seconds without a heartbeat before a cell counts as killed and is re-queued (default 3x heartbeat)."),
+) -> None:
+    """Run (or continue) a sweep; start it again, or on more machines, to add workers. Ends when every cell is done."""
+    with _user_errors():
+        from prefopt.pipeline.sweep import load_sweep, run_sweep
+
+        spec = load_sweep(sweep_file, sets=tuple(set_ or ()))
+        err.log(f"sweep '{spec.name}': {len(spec.cells)} cells")
+        result = run_sweep(spec, out_dir, storage=storage, heartbeat=heartbeat, grace=grace, console=err)
+    out.print(f"sweep folder: {result.out_dir} ({len(result.done)} cells complete, {len(result.ran)} run by this worker)\n"
+              f"report: prefopt report {result.out_dir}", highlight=False)
+
+
+@app.command()
+def report(
+    dirs: List[Path] = typer.Argument(..., help="Run folders, eval folders, a sweep folder, or folders holding runs."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where to write the comparison report (default: <DIR>/report "
+                                           "for a sweep or a folder of runs; a single run is only printed)."),
+    kl: Optional[str] = typer.Option(None, help="KL budgets for the matched-KL table, e.g. 2,5,10 (default: 4 up to the "
+                                     "largest KL every algorithm reached)."),
+) -> None:
+    """Pool runs over seeds: tables, reward–KL frontier, over-optimisation and win-rate plots, matched-KL verdicts."""
+    with _user_errors():
+        from prefopt.errors import RunError
+        from prefopt.reports import console_table
+        from prefopt.reports.compare import compare, matched_console, pooled_summary, write_comparison
+        from prefopt.reports.run import find_runs, load_run, read_marker
+
+        budgets = None
+        if kl is not None:
+            try:
+                budgets = sorted({float(x) for x in kl.split(",") if x.strip()})
+            except ValueError:
+                raise typer.BadParameter(f"expected numbers like 2,5,10, got {kl!r}", param_hint="--kl") from None
+        paths, skipped = [], []
+        for d in dirs:
+            if not d.is_dir():
+                raise RunError(f"{d}: no such folder")
+            found, incomplete = find_runs(d)
+            paths += found
+            skipped += incomplete
+        if not paths:
+            raise RunError(f"no complete prefopt runs under {', '.join(map(str, dirs))}"
+                           + (f" ({len(skipped)} incomplete, from stopped processes)" if skipped else ""))
+        runs = [load_run(p, samples=False) for p in paths]
+        unevaluated = [str(r["dir"]) for r in runs if not r["summary"]]
+        if unevaluated:
+            raise RunError(f"{unevaluated[0]}: trained but not evaluated: run `prefopt eval {unevaluated[0]}` first")
+        if skipped:
+            err.log(f"skipped {len(skipped)} incomplete folder(s) left by stopped processes")
+        single = len(runs) == 1
+        cmp = compare(runs, budgets)
+        if single:
+            out.print(console_table(runs[0]["summary"], policies=runs[0]["policies"]))
+        else:
+            out.print(console_table(pooled_summary(cmp.pooled), policies=cmp.variants,
+                                    title="Pooled over seeds (mean, ±95% CI; n = seeds)"))
+        if cmp.budgets and any(c.policy != "reference" for c in cmp.cells):
+            out.print(matched_console(cmp))
+        target = out_dir
+        if target is None and not (single and read_marker(dirs[0]) is not None and read_marker(dirs[0])["kind"] != "sweep"):
+            target = dirs[0] / "report"
+        if target is not None:
+            write_comparison(cmp, target, command=_command_line())
+            out.print(f"report: {target}/report.md", highlight=False)
+        timings = runs[0]["meta"].get("timings_s", {}) if single else {}
+        if timings:
+            out.print("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()), highlight=False)
+
+
+@app.command("config")
+def config_(
+    preset: str = PRESET,
+    config: Optional[Path] = CONFIG,
+    set_: Optional[List[str]] = SET,
+    as_json: bool = typer.Option(False, "--json", help="Print the resolved config as JSON (a valid --config file)."),
+) -> None:
+    """Print every config field: its path (for --set and config files), current value and help text."""
     import json
 
-    from prefopt.bench import PRESETS
-    from prefopt.bench import preset as make_preset
+    with _user_errors():
+        from prefopt import config as C
 
-    if preset not in PRESETS:
-        raise typer.BadParameter(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}", param_hint="--preset")
-    out.print_json(json.dumps(dataclasses.asdict(make_preset(preset))))
+        cfg = _load(preset, config, set_)
+        if as_json:
+            out.print_json(json.dumps(C.to_dict(cfg)))
+            return
+        for doc in C.walk(cfg):
+            out.print(f"[bold]{doc.path}[/] = {json.dumps(doc.value)}  [dim]({doc.type})[/]", highlight=False,
+                      soft_wrap=True)
+            if doc.help:
+                out.print(f"    {doc.help}", highlight=False)
+        for name, pol in cfg.resolved_policies().items():
+            own = {k: v for k, v in cfg.policies[name].items() if k != "backend"}
+            out.print(f"[bold]policy {name}[/]: backend {pol.backend}" + (f", {json.dumps(own)}" if own else ""),
+                      highlight=False, soft_wrap=True)
+
+
+def main() -> None:
+    app()
 
 
 if __name__ == "__main__":
-    app()
+    main()

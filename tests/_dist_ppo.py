@@ -5,6 +5,7 @@ import sys
 
 import torch
 from prefopt.backends import ppo
+from prefopt.backends._common import TrainData
 from prefopt.backends._common import dist_state
 from prefopt.models.base import load_base
 from prefopt.models.ops import encode_prompts
@@ -29,7 +30,7 @@ log = []
 cfg = ppo.PPOConfig(steps=2, batch_size=4, mini_batch_size=2, ppo_epochs=2, max_new_tokens=6, learning_rate=1e-2, seed=0)
 shared.add_role("ppo", head=True)
 before = {k: v.clone() for k, v in shared.adapter_state("ppo").items()}
-ppo.train(shared, prompts, score_fn, cfg, on_step=lambda s, m: log.append(m))
+ppo.train(shared, cfg, TrainData(prompts=prompts, score_fn=score_fn), on_step=lambda s, m: log.append(m))
 after = shared.adapter_state("ppo")
 with open(f"{out}/rank{state.process_index}.json", "w") as f:
     json.dump({

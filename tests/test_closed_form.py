@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from prefopt.backends import dpo, ppo
+from prefopt.backends._common import TrainData
 from prefopt.data.records import PreferencePair
 from prefopt.models.base import char_tokenizer, tiny_causal_lm
 from prefopt.models.ops import hidden_states, make_batch, response_logits
@@ -63,7 +64,7 @@ def test_ppo_reaches_kl_regularised_optimum(kl_in):
         steps=120, batch_size=256, mini_batch_size=256, ppo_epochs=4, learning_rate=1e-2,
         kl_coef=BETA, kl_in=kl_in, kl_estimator="k1", max_new_tokens=1, seed=0,
     )
-    ppo.train(shared, prompt_ids, score_fn, cfg)
+    ppo.train(shared, cfg, TrainData(prompts=prompt_ids, score_fn=score_fn))
     pi = _probs(shared, "ppo", prompt_ids)
     assert _tv(pi, pi_star) < 0.05, (pi, pi_star)
 
@@ -89,6 +90,6 @@ def test_dpo_reaches_kl_regularised_optimum():
         for c, r in zip(chosen.tolist(), rejected.tolist())
     ]
     cfg = dpo.DPOConfig(beta=BETA, learning_rate=3e-2, epochs=5, batch_size=1024, lr_schedule="linear", seed=0)
-    dpo.train(shared, pairs, cfg)
+    dpo.train(shared, cfg, TrainData(pairs=pairs))
     pi = _probs(shared, "dpo", prompt_ids)
     assert _tv(pi, pi_star) < 0.05, (pi, pi_star)

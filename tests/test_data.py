@@ -528,3 +528,33 @@ def test_holdout_pairs_and_prompts_from_pairs() -> None:
 def test_data_layer_does_not_import_torch() -> None:
     code = "import sys, prefopt.data; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_pairs_written_by_a_run_load_back_unchanged(tmp_path: Path) -> None:
+    """write_pairs -> load_pairs is the identity: meta (chosen_eos, scores) and margin survive, nothing nests."""
+    from prefopt.data import write_pairs
+
+    pairs = [
+        PreferencePair("p", "a b", "", margin=None,
+                       meta={"chosen_eos": False, "rejected_eos": True, "score_chosen": 0.1 + 0.2, "source": "synthetic"}),
+        PreferencePair([{"role": "user", "content": "hi"}], "good", "bad", margin=1.5, meta={"id": 3, "tags": ["x"]}),
+    ]
+    path = write_pairs(tmp_path / "pairs.jsonl", pairs)
+    assert load_pairs(path) == pairs
+    assert load_pairs(write_pairs(tmp_path / "again.jsonl", load_pairs(path))) == pairs
+
+
+def test_empty_response_needs_an_eos_flag(tmp_path: Path) -> None:
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "", "rejected_eos": False}]
+    assert "field 'rejected' is empty" in data_error(load_pairs, write_jsonl(tmp_path / "d.jsonl", rows))
+
+
+def test_invalid_utf8_names_the_line_or_is_replaced_and_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "reviews.csv"
+    path.write_bytes(b"review,sentiment\nfine movie,positive\nI\xe2\x80?m surprised,negative\nok,positive\n")
+    msg = data_error(load_prompts, path, field="review")
+    assert "reviews.csv:3" in msg and "not valid UTF-8" in msg and "encoding_errors=replace" in msg
+    with caplog.at_level("WARNING", logger="prefopt.data"):
+        prompts = load_prompts(path, field="review", encoding_errors="replace")
+    assert [p.prompt for p in prompts] == ["fine movie", "I\ufffd?m surprised", "ok"]
+    assert "1 invalid UTF-8 byte sequence(s)" in caplog.text and "line(s): 3" in caplog.text

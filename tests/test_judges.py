@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from prefopt.data import JUDGES, FunctionJudge, Judge, PipelineJudge, VaderJudge, load_judge
+from prefopt.data import JUDGES, CharFrequencyJudge, FunctionJudge, Judge, PipelineJudge, VaderJudge, load_judge
 
 
 def test_vader_scores_sentiment_of_the_response() -> None:
@@ -77,7 +77,8 @@ def test_load_judge_vader_and_python_function(tmp_path: Path, monkeypatch: pytes
 @pytest.mark.parametrize(
     ("spec", "match"),
     [
-        ("nope", "unknown judge 'nope': use 'vader', 'hf:<model id or path>' or 'py:module.path:function'"),
+        ("nope", "unknown judge 'nope': use 'vader', 'chars', 'chars:<set>', 'hf:<model id or path>' or 'py:module.path:function'"),
+        ("chars:", "needs at least one character"),
         ("hf:", "unknown judge"),
         ("py:justamodule", "must look like 'py:module.path:function'"),
         ("py:prefopt_no_such_module_xyz:f", "could not import judge module 'prefopt_no_such_module_xyz'"),
@@ -150,3 +151,11 @@ def test_pipeline_judge_load_failure_is_one_line(monkeypatch: pytest.MonkeyPatch
     message = str(info.value)
     assert message.startswith("could not load judge model 'org/model' (OSError: We couldn't connect")
     assert message.endswith("needs internet or a local path") and "\n" not in message
+
+
+def test_char_frequency_judge_hand_computed() -> None:
+    judge = load_judge("chars")
+    assert isinstance(judge, CharFrequencyJudge) and judge.name == "chars"
+    assert judge.score(["p", "p", "p"], ["aeb", "", "xyz"]) == [pytest.approx(2 / 3), 0.0, 0.0]
+    letters = load_judge("chars:xyz")
+    assert letters.name == "chars:xyz" and letters.score(["p"], ["xxa"]) == [pytest.approx(2 / 3)]

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from prefopt.backends import dpo as dpo_backend
+from prefopt.backends._common import TrainData
 from prefopt.data.records import PreferencePair
 from prefopt.models.base import ModelError, resolve_model
 from prefopt.models.ops import encode_prompts, make_batch, response_logprobs, sample
@@ -113,7 +114,7 @@ def test_dpo_step_moves_lora_only(tiny):
     shared.add_role("dpo")
     before_lora, before_base = shared.adapter_state("dpo"), shared.base_state()
     cfg = dpo_backend.DPOConfig(batch_size=4, learning_rate=1e-2)
-    dpo_backend.train(shared, pairs, cfg)
+    dpo_backend.train(shared, cfg, TrainData(pairs=pairs))
     after_lora, after_base = shared.adapter_state("dpo"), shared.base_state()
     assert any(not torch.equal(before_lora[k], after_lora[k]) for k in before_lora)
     assert all(torch.equal(before_base[k], after_base[k]) for k in before_base)
@@ -123,3 +124,50 @@ def test_resolve_model_errors():
     with pytest.raises(ModelError, match="GGUF file not found"):
         resolve_model("/nowhere/model.gguf")
     assert resolve_model("some-org/some-model").path == "some-org/some-model"
+
+
+def test_saved_policy_loads_with_peft_from_pretrained_and_matches(tiny, tmp_path):
+    """A saved role is a plain PEFT adapter folder: PeftModel.from_pretrained(base, path) gives our logits."""
+    from peft import PeftModel
+
+    from prefopt.models.base import load_base
+
+    lm, tok = tiny
+    shared = SharedBase(lm, tok, LoraSettings(r=4, alpha=8))
+    shared.add_role("dpo", seed=0)
+    shared.add_role("ppo", head=True, seed=0)
+    _perturb_adapters(shared)
+    shared.save_role("dpo", tmp_path / "dpo")
+    shared.save_role("ppo", tmp_path / "ppo")
+    assert {p.name for p in (tmp_path / "dpo").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    assert (tmp_path / "ppo" / "heads.safetensors").is_file()
+    ids = torch.tensor([tok("the movie was").input_ids])
+    with shared.role("dpo") as m:
+        ours = _logits(m, ids)
+    base, _ = load_base("tiny", device=torch.device("cpu"))  # a fresh copy of the same base
+    theirs = PeftModel.from_pretrained(base, str(tmp_path / "dpo"))(input_ids=ids).logits
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    # prefopt's own loader brings the head back too
+    other = SharedBase(*load_base("tiny", device=torch.device("cpu")), LoraSettings(r=4, alpha=8))
+    other.load_role("ppo", tmp_path / "ppo")
+    with shared.role("ppo") as a, other.role("ppo") as b:
+        assert torch.allclose(_logits(a, ids), _logits(b, ids), atol=1e-6)
+    for k, v in shared.heads["ppo"].state_dict().items():
+        assert torch.equal(v, other.heads["ppo"].state_dict()[k])
+
+
+def test_seeded_roles_start_identical_and_leave_the_rng_alone(tiny):
+    lm, tok = tiny
+    shared = SharedBase(lm, tok, LoraSettings(r=4, alpha=8))
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    shared.add_role("pa", head=True, seed=7)
+    shared.add_role("pb", head=True, seed=7)
+    assert torch.equal(torch.rand(3), before)  # the global stream did not move
+    a, b = shared.adapter_state("pa"), shared.adapter_state("pb")
+    assert all(torch.equal(v, b[k.replace(".pa.", ".pb.")]) for k, v in a.items() if not k.startswith("head."))
+    assert torch.equal(a["head.weight"], b["head.weight"])
+    shared.add_role("pc", seed=8)
+    c = shared.adapter_state("pc")
+    assert any(not torch.equal(v, c[k.replace(".pa.", ".pc.")]) for k, v in a.items() if "lora_A" in k)

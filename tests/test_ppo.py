@@ -5,8 +5,9 @@ import logging
 import pytest
 import torch
 
-from prefopt.backends import ppo
-from prefopt.models.base import char_tokenizer, load_base
+from prefopt.backends import losses, ppo
+from prefopt.backends._common import TrainData
+from prefopt.models.base import load_base
 from prefopt.models.ops import encode_prompts, hidden_states, make_batch, response_logits, response_logprobs
 from prefopt.models.rewards import SequenceClassifierReward, text_score_fn
 from prefopt.models.shared import LoraSettings, SharedBase
@@ -17,30 +18,30 @@ t = torch.tensor
 def test_eos_penalty_only_for_unterminated():
     scores = t([1.0, 2.0, 3.0])
     ended = t([True, False, True])
-    assert ppo.apply_eos_penalty(scores, ended, -1.0).tolist() == [1.0, -1.0, 3.0]
-    assert ppo.apply_eos_penalty(scores, ended, None).tolist() == [1.0, 2.0, 3.0]
+    assert losses.apply_eos_penalty(scores, ended, -1.0).tolist() == [1.0, -1.0, 3.0]
+    assert losses.apply_eos_penalty(scores, ended, None).tolist() == [1.0, 2.0, 3.0]
 
 
 def test_score_lands_on_last_real_token():
     kl = t([[0.1, 0.2, 0.3], [0.5, 0.0, 0.0]])
     mask = t([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
-    rewards = ppo.kl_penalised_rewards(t([10.0, 20.0]), kl, mask, t([3, 1]), kl_coef=0.5)
+    rewards = losses.kl_penalised_rewards(t([10.0, 20.0]), kl, mask, t([3, 1]), kl_coef=0.5)
     expected = t([[-0.05, -0.1, 10.0 - 0.15], [20.0 - 0.25, 0.0, 0.0]])
     assert torch.allclose(rewards, expected)
 
 
 def test_truncate_at_stop_token():
-    assert ppo.truncate_at([[5, 9, 7, 9], [1, 2]], 9) == [[5, 9], [1, 2]]
-    assert ppo.truncate_at([[5, 9]], None) == [[5, 9]]
+    assert losses.truncate_at([[5, 9, 7, 9], [1, 2]], 9) == [[5, 9], [1, 2]]
+    assert losses.truncate_at([[5, 9]], None) == [[5, 9]]
 
 
 def test_adaptive_kl_controller_hand_computed():
-    ctl = ppo.KLController(0.1, target=6.0, horizon=10_000)
+    ctl = losses.KLController(0.1, target=6.0, horizon=10_000)
     ctl.update(kl=9.0, n=100)  # error = clip(9/6 - 1) = 0.2 -> beta * (1 + 0.2 * 100/10000)
     assert ctl.value == pytest.approx(0.1 * 1.002)
     ctl.update(kl=5.4, n=1000)  # error = -0.1 -> * (1 - 0.01)
     assert ctl.value == pytest.approx(0.1 * 1.002 * 0.99)
-    fixed = ppo.KLController(0.1)
+    fixed = losses.KLController(0.1)
     fixed.update(kl=100.0, n=100)
     assert fixed.value == 0.1
 
@@ -48,8 +49,8 @@ def test_adaptive_kl_controller_hand_computed():
 def test_explained_variance():
     returns = t([[1.0, 2.0, 3.0, 4.0]])
     mask = torch.ones(1, 4)
-    assert ppo.explained_variance(returns, returns, mask) == pytest.approx(1.0)
-    assert ppo.explained_variance(torch.zeros(1, 4), returns, mask) == pytest.approx(0.0)
+    assert losses.explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    assert losses.explained_variance(torch.zeros(1, 4), returns, mask) == pytest.approx(0.0)
 
 
 def test_logprobs_use_the_sampling_temperature(tiny):
@@ -132,7 +133,7 @@ def _run_ppo(tmp_path, steps, stop_after=None, resume=False):
         return t([sum(x == target for x in resp) / max(len(resp), 1) for resp in r])
 
     cfg = ppo.PPOConfig(steps=steps, batch_size=6, mini_batch_size=3, grad_accum=3, ppo_epochs=2,
-                        max_new_tokens=6, learning_rate=1e-2, kl_target=1.0, seed=3,
+                        max_new_tokens=6, learning_rate=1e-2, kl_target=1.0, seed=3, reward="gold",
                         save_every=1, checkpoint_dir=str(tmp_path / "ckpt"))
     log = []
 
@@ -142,7 +143,7 @@ def _run_ppo(tmp_path, steps, stop_after=None, resume=False):
             raise KeyboardInterrupt  # "killed" right after step `stop_after` was checkpointed
 
     try:
-        ppo.train(shared, prompts, score_fn, cfg, on_step=on_step, resume=resume)
+        ppo.train(shared, cfg, TrainData(prompts=prompts, score_fn=score_fn), on_step=on_step, resume=resume)
     except KeyboardInterrupt:
         pass
     return log
@@ -166,3 +167,5 @@ def test_ppo_config_validation():
         ppo.PPOConfig(kl_in="both")
     with pytest.raises(ValueError, match="checkpoint_dir"):
         ppo.PPOConfig(save_every=2)
+    with pytest.raises(ValueError, match="PPOConfig.reward"):
+        ppo.PPOConfig(reward="nope")

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 import prefopt.reports as reports
+from prefopt.errors import RunError
 from prefopt.reports import (
     comparison_frame,
     comparison_markdown,
@@ -125,7 +126,7 @@ def test_comparison_frame_metric_selection_and_policy_order() -> None:
 def test_comparison_frame_missing_cell_and_duplicates() -> None:
     summary = make_summary() + [{"policy": "ppo", "metric": "eval/length", "mean": 31.0}]
     frame = comparison_frame(summary).set_index("policy")
-    assert frame.loc["ppo", "eval/length"] == "31.000"
+    assert frame.loc["ppo", "eval/length"] == "31.0"  # length is shown with one decimal
     assert frame.loc["dpo", "eval/length"] == reports.tables.MISSING
     with pytest.raises(ValueError, match="more than one row"):
         comparison_frame(make_summary() + make_summary()[:1])
@@ -169,8 +170,24 @@ def test_console_table_renders_ci() -> None:
     console = Console(width=200, record=True, color_system=None)
     console.print(table)
     text = console.export_text()
-    assert "0.620" in text and "[0.570, 0.690]" in text
+    assert "0.620" in text and "±0.070" in text  # mean over the larger side of its interval
     assert text.index("reference") < text.index("ppo") < text.index("dpo")
+
+
+def test_console_table_fits_80_columns_without_cutting() -> None:
+    """Long names and every console metric at 80 columns (a terminal or a log): nothing is cut to '…'."""
+    summary = []
+    for policy in ("reference", "ppo-gt-long-name", "dpo-b0.05", "ipo"):
+        for metric in ("eval/gold_reward", "eval/win_rate_vs_ref", "eval/kl_to_ref", "eval/proxy_reward",
+                       "eval/gold_proxy_gap", "eval/length"):
+            summary.append({"policy": policy, "metric": metric, "mean": -12.345, "lo": -14.5, "hi": -10.2, "se": 1.1, "n": 128})
+    console = Console(width=80, record=True, color_system=None)
+    console.print(console_table(summary))
+    text = console.export_text()
+    assert "…" not in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for needle in ("-12.345", "±2.155", "ppo-gt-long-", "dpo-b0.05", "gold", "win/ref", "proxy", "gap", "128"):  # folded, not cut
+        assert needle in text, needle
 
 
 # ---------------------------------------------------------------------------
@@ -230,6 +247,7 @@ def test_to_jsonable() -> None:
 # ---------------------------------------------------------------------------
 
 EXPECTED_FILES = {
+    "prefopt-run.json",
     "config.json",
     "metrics.jsonl",
     "comparison.md",
@@ -267,7 +285,7 @@ def test_write_run_writes_everything(tmp_path: Path) -> None:
     assert (out / "reward_kl.png").read_bytes()[:8] == PNG_MAGIC
 
     doc = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-    assert doc["schema_version"] == 1
+    assert doc["schema_version"] == 2
     assert doc["meta"] == {"seed": 1, "git": "abc123", "timings": {"train_s": 1.5}}
     assert doc["summary"] == make_summary()
 
@@ -295,13 +313,16 @@ def test_load_run_round_trip(tmp_path: Path) -> None:
 def test_load_run_reports_missing_and_corrupt_files(tmp_path: Path) -> None:
     out = write_run(tmp_path / "run", **make_run_kwargs())
     (out / "metrics.jsonl").write_text('{"step": 1}\n{broken\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"metrics\.jsonl:2"):
+    with pytest.raises(RunError, match=r"metrics\.jsonl:2"):
         load_run(out)
     (out / "summary.json").unlink()
-    with pytest.raises(ValueError, match=r"summary\.json"):
+    with pytest.raises(RunError, match=r"summary\.json"):
         load_run(out)
-    with pytest.raises(ValueError):
+    with pytest.raises(RunError):
         load_run(tmp_path / "does-not-exist")
+    (out / "prefopt-run.json").unlink()
+    with pytest.raises(RunError, match="not a prefopt result folder"):
+        load_run(out)
 
 
 def test_load_run_rejects_unknown_schema(tmp_path: Path) -> None:
@@ -309,7 +330,7 @@ def test_load_run_rejects_unknown_schema(tmp_path: Path) -> None:
     doc = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     doc["schema_version"] = 99
     (out / "summary.json").write_text(json.dumps(doc), encoding="utf-8")
-    with pytest.raises(ValueError, match="schema_version"):
+    with pytest.raises(RunError, match="schema_version"):
         load_run(out)
 
 
@@ -327,8 +348,9 @@ def test_write_run_refuses_existing_nonempty_dir(tmp_path: Path) -> None:
     target = tmp_path / "run"
     target.mkdir()
     (target / "keep.txt").write_text("old", encoding="utf-8")
-    with pytest.raises(FileExistsError):
-        write_run(target, **make_run_kwargs())
+    for overwrite in (False, True):  # a folder that is not prefopt's is never replaced, even with overwrite
+        with pytest.raises(RunError, match="not a prefopt run folder"):
+            write_run(target, overwrite=overwrite, **make_run_kwargs())
     assert [p.name for p in target.iterdir()] == ["keep.txt"]
     assert leftovers(tmp_path) == []
 
@@ -340,20 +362,26 @@ def test_write_run_accepts_existing_empty_dir(tmp_path: Path) -> None:
 
 
 def test_write_run_overwrite_replaces_old(tmp_path: Path) -> None:
-    target = tmp_path / "run"
-    target.mkdir()
+    target = write_run(tmp_path / "run", **make_run_kwargs())
     (target / "stale.txt").write_text("old", encoding="utf-8")
+    with pytest.raises(RunError, match="--overwrite"):
+        write_run(target, **make_run_kwargs())
     write_run(target, overwrite=True, **make_run_kwargs())
     assert {p.name for p in target.iterdir()} == EXPECTED_FILES
     assert leftovers(tmp_path) == []
 
 
+def _old_run(tmp_path: Path) -> Path:
+    target = write_run(tmp_path / "run", **make_run_kwargs())
+    (target / "stale.txt").write_text("old", encoding="utf-8")
+    return target
+
+
 def test_write_run_overwrite_keeps_old_when_new_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    target = tmp_path / "run"
-    target.mkdir()
-    (target / "stale.txt").write_text("old", encoding="utf-8")
+    target = _old_run(tmp_path)
+    before = sorted(p.name for p in target.iterdir())
 
     def boom(*args, **kwargs):
         raise RuntimeError("plot failed")
@@ -361,16 +389,15 @@ def test_write_run_overwrite_keeps_old_when_new_fails(
     monkeypatch.setattr(reports.plots, "plot_reward_kl", boom)
     with pytest.raises(RuntimeError):
         write_run(target, overwrite=True, **make_run_kwargs())
-    assert [p.name for p in target.iterdir()] == ["stale.txt"]
+    assert sorted(p.name for p in target.iterdir()) == before
     assert leftovers(tmp_path) == []
 
 
 def test_write_run_overwrite_rolls_back_when_final_rename_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    target = tmp_path / "run"
-    target.mkdir()
-    (target / "stale.txt").write_text("old", encoding="utf-8")
+    target = _old_run(tmp_path)
+    before = sorted(p.name for p in target.iterdir())
     real_replace = os.replace
 
     def flaky_replace(src, dst):
@@ -381,7 +408,7 @@ def test_write_run_overwrite_rolls_back_when_final_rename_fails(
     monkeypatch.setattr(os, "replace", flaky_replace)
     with pytest.raises(OSError, match="rename failed"):
         write_run(target, overwrite=True, **make_run_kwargs())
-    assert [p.name for p in target.iterdir()] == ["stale.txt"]
+    assert sorted(p.name for p in target.iterdir()) == before
     assert leftovers(tmp_path) == []
 
 

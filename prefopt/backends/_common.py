@@ -14,6 +14,41 @@ from prefopt.models.ops import encode_prompts, encode_responses
 
 # on_step(step, metrics): called once per optimisation step with that step's metrics (stable names).
 StepCallback = Callable[[int, dict], None]
+# score_fn(prompt_ids, response_ids) -> (B,) scores: a reward model, a gold judge, any Python function.
+ScoreFn = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], torch.Tensor]
+REWARD_SOURCES = ("rm", "gold")  # plus 'hf:<classifier>' and 'py:module:function'
+
+
+@dataclass
+class TrainData:
+    """What a backend may train on; the pipeline fills it once per policy from the shared data layer.
+
+    ``pairs``: the preference pairs (offline methods); ``prompts``: training prompts (plain text, message lists or
+    PromptRecords; online methods encode them with their own length limit); ``score_fn``: the reward source the
+    policy's config names (online methods); ``reward_model``: the trained reward model, if one was trained.
+    """
+
+    pairs: Sequence[PreferencePair] = ()
+    prompts: Sequence = ()
+    score_fn: "ScoreFn | None" = None
+    reward_model: object | None = None
+
+
+def encode_training_prompts(prompts: Sequence, tokenizer, max_tokens: int) -> list[list[int]]:
+    """Token ids of training prompts: PromptRecords, text, message lists, or token-id lists (kept as they are)."""
+    out = []
+    for p in prompts:
+        p = getattr(p, "prompt", p)
+        if isinstance(p, (list, tuple)) and p and all(isinstance(x, int) for x in p):
+            out.append(list(p)[-max_tokens:])
+        else:
+            out.append(encode_prompts([p], tokenizer, max_tokens)[0])
+    return out
+
+
+def check_reward_source(owner: str, spec: str) -> None:
+    if not (spec in REWARD_SOURCES or (spec.startswith(("hf:", "py:")) and len(spec) > 3)):
+        raise ValueError(f"{owner}.reward must be 'rm', 'gold', 'hf:<classifier>' or 'py:module:function', got {spec!r}")
 
 
 def no_op(step: int, metrics: dict) -> None:

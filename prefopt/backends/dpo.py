@@ -10,13 +10,12 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
-
 import torch
 
 from prefopt.backends._common import (
     LR_SCHEDULES,
     StepCallback,
+    TrainData,
     adamw,
     check_config,
     encode_pairs,
@@ -25,7 +24,6 @@ from prefopt.backends._common import (
     no_op,
 )
 from prefopt.backends.losses import DPO_LOSS_TYPES, dpo_loss
-from prefopt.data.records import PreferencePair
 from prefopt.models.ops import make_batch, response_logprobs
 from prefopt.models.shared import SharedBase
 
@@ -42,8 +40,7 @@ class DPOConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm.", "positive": True})
     max_prompt_tokens: int = field(default=64, metadata={"help": "Prompts keep their last N tokens.", "positive": True})
     max_response_tokens: int = field(default=64, metadata={"help": "Responses are cut to N tokens.", "positive": True})
-    role: str = field(default="dpo", metadata={"help": "Adapter name of this policy on the shared base."})
-    seed: int = field(default=0, metadata={"help": "Seed for shuffling."})
+    seed: int | None = field(default=None, metadata={"help": "Seed for shuffling (None: the run's master seed)."})
 
     def __post_init__(self):
         check_config(self)
@@ -55,17 +52,33 @@ class DPOConfig:
             raise ValueError(f"DPOConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
 
 
+    def needs_reward_model(self) -> bool:
+        return False
+
+
+Config = DPOConfig
+
+
+def total_steps(cfg: DPOConfig, data: TrainData) -> int:
+    """Optimisation steps ``train`` will run (the pipeline places checkpoint evaluations on these)."""
+    return cfg.epochs * -(-len(data.pairs) // cfg.batch_size)
+
+
 def _sequence_logps(lm, prompts, responses, pad_id, device) -> torch.Tensor:
     """Sum of response-token log-probs per sequence: (B,)."""
     batch = make_batch(prompts, responses, pad_id, device)
     return response_logprobs(lm, batch).sum(-1)
 
 
-def train(shared: SharedBase, pairs: Sequence[PreferencePair], cfg: DPOConfig, *, on_step: StepCallback = no_op) -> None:
-    if cfg.role not in shared.roles:
-        shared.add_role(cfg.role)
+def train(
+    shared: SharedBase, cfg: DPOConfig, data: TrainData, *, role: str = "dpo", on_step: StepCallback = no_op
+) -> None:
+    """Train adapter ``role`` on ``data.pairs`` with the configured DPO-family loss."""
+    seed = 0 if cfg.seed is None else cfg.seed
+    if role not in shared.roles:
+        shared.add_role(role, seed=seed)
     tok, device = shared.tokenizer, shared.device
-    data = encode_pairs(pairs, tok, cfg.max_prompt_tokens, cfg.max_response_tokens)
+    data = encode_pairs(data.pairs, tok, cfg.max_prompt_tokens, cfg.max_response_tokens)
     n = len(data)
 
     # 1. reference log-probs, once (pi_ref = base with adapters off)
@@ -76,13 +89,12 @@ def train(shared: SharedBase, pairs: Sequence[PreferencePair], cfg: DPOConfig, *
             ref_chosen[sl] = _sequence_logps(lm, data.prompt_ids[sl], data.chosen_ids[sl], tok.pad_token_id, device).float().cpu()
             ref_rejected[sl] = _sequence_logps(lm, data.prompt_ids[sl], data.rejected_ids[sl], tok.pad_token_id, device).float().cpu()
 
-    params = shared.adapter_parameters(cfg.role)
+    params = shared.adapter_parameters(role)
     opt = adamw(params, cfg.learning_rate)
     sched = lr_scheduler(opt, cfg.lr_schedule, cfg.epochs * -(-n // cfg.batch_size))
-    rng = random.Random(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    rng = random.Random(seed)
     step = 0
-    with shared.role(cfg.role) as lm:
+    with shared.role(role) as lm:
         for epoch in range(cfg.epochs):
             for idx in minibatches(n, cfg.batch_size, rng):
                 t0 = time.perf_counter()

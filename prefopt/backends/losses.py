@@ -9,7 +9,7 @@ details of RLHF with PPO").
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -165,3 +165,48 @@ def ppo_value_loss(
     l2 = (clipped_values - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(l1, l2), mask)
     return loss, masked_mean((l2 > l1).float(), mask).detach()
+
+
+# ------------------------------------------------------------------------ estimators shared by online methods
+def kl_penalised_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, kl_coef: float
+) -> torch.Tensor:
+    """Per-token reward: -beta * kl_t everywhere, plus the score at the last real response token. (B, R)"""
+    rewards = -kl_coef * kl * mask
+    last = (lengths - 1).clamp(min=0)
+    rewards[torch.arange(len(scores), device=rewards.device), last] += scores
+    return rewards
+
+
+def apply_eos_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty: float | None) -> torch.Tensor:
+    """Responses that never ended get ``penalty`` as their score (N+ details); others keep theirs. (B,)"""
+    if penalty is None:
+        return scores
+    return torch.where(ended, scores, torch.full_like(scores, penalty))
+
+
+def truncate_at(responses: Sequence[Sequence[int]], stop_id: int | None) -> list[list[int]]:
+    """Cut each response after its first ``stop_id`` (kept); unchanged if None or absent."""
+    if stop_id is None:
+        return [list(r) for r in responses]
+    return [list(r[: r.index(stop_id) + 1]) if stop_id in r else list(r) for r in responses]
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over response tokens (1 = perfect critic, <= 0 = useless)."""
+    var_ret = masked_var(returns, mask)
+    return float(1.0 - masked_var(returns - values, mask) / var_ret.clamp(min=1e-8))
+
+
+class KLController:
+    """The KL coefficient beta: fixed, or adaptive (Ziegler et al. 2019, eq. 2):
+    e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta * (1 + e * n / horizon), n = rollouts this step."""
+
+    def __init__(self, init: float, target: float | None = None, horizon: int = 10_000):
+        self.value, self.target, self.horizon = init, target, horizon
+
+    def update(self, kl: float, n: int) -> None:
+        if self.target is None:
+            return
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n / self.horizon

@@ -18,21 +18,34 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from accelerate import PartialState
 from accelerate.utils import reduce as all_reduce
 
-from prefopt.backends._common import StepCallback, adamw, check_config, dist_state, minibatches, no_op
+from prefopt.backends._common import (
+    StepCallback,
+    TrainData,
+    adamw,
+    check_config,
+    check_reward_source,
+    dist_state,
+    encode_training_prompts,
+    minibatches,
+    no_op,
+)
 from prefopt.backends.losses import (
     KL_ESTIMATORS,
+    KLController,
+    apply_eos_penalty,
+    explained_variance,
     gae,
+    kl_penalised_rewards,
     kl_per_token,
     masked_mean,
-    masked_var,
     ppo_policy_loss,
     ppo_value_loss,
+    truncate_at,
     whiten_scaled,
 )
 from prefopt.models.ops import (
@@ -51,8 +64,6 @@ log = logging.getLogger("prefopt.ppo")
 
 KL_PLACEMENTS = ("reward", "loss")
 CHECKPOINT_FILE = "ppo_state.pt"
-# score_fn(prompt_ids, response_ids) -> (B,) scores: a reward model, a gold judge, any Python function.
-ScoreFn = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], torch.Tensor]
 
 
 @dataclass
@@ -85,13 +96,16 @@ class PPOConfig:
     whiten_advantages: bool = field(default=True, metadata={"help": "Normalise advantages per iteration."})
     value_adapter: bool = field(default=False, metadata={"help": "False: value head on the policy's trunk (one forward gives "
                                                           "log-probs and values); True: the value function gets its own LoRA adapter + head."})
-    role: str = field(default="ppo", metadata={"help": "Adapter name of this policy on the shared base."})
-    seed: int = field(default=0, metadata={"help": "Seed for prompt order and sampling."})
+    reward: str = field(default="rm", metadata={"help": "Reward source: 'rm' (the reward model trained on the pairs), 'gold' (the gold "
+                                                 "judge itself: PPO-GT), 'hf:<classifier>' or 'py:module:function'."})
+    value_from_rm: bool = field(default=False, metadata={"help": "Initialise the value head from the reward model's score head (N+ details)."})
+    seed: int | None = field(default=None, metadata={"help": "Seed for prompt order and sampling (None: the run's master seed)."})
     save_every: int | None = field(default=None, metadata={"help": "Write a resumable checkpoint every N steps (needs checkpoint_dir)."})
     checkpoint_dir: str | None = field(default=None, metadata={"help": "Folder for the resumable checkpoint."})
 
     def __post_init__(self):
         check_config(self)
+        check_reward_source("PPOConfig", self.reward)
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"PPOConfig.kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
         if self.kl_in not in KL_PLACEMENTS:
@@ -109,19 +123,16 @@ class PPOConfig:
         if self.save_every is not None and (self.save_every <= 0 or not self.checkpoint_dir):
             raise ValueError("PPOConfig.save_every needs a positive value and a checkpoint_dir")
 
+    def needs_reward_model(self) -> bool:
+        return self.reward == "rm" or self.value_from_rm
 
-class KLController:
-    """The KL coefficient beta: fixed, or adaptive (Ziegler et al. 2019, eq. 2):
-    e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta * (1 + e * n / horizon), n = rollouts this step."""
 
-    def __init__(self, init: float, target: float | None = None, horizon: int = 10_000):
-        self.value, self.target, self.horizon = init, target, horizon
+Config = PPOConfig
 
-    def update(self, kl: float, n: int) -> None:
-        if self.target is None:
-            return
-        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + error * n / self.horizon
+
+def total_steps(cfg: PPOConfig, data: TrainData) -> int:
+    """Optimisation iterations ``train`` will run (the pipeline places checkpoint evaluations on these)."""
+    return cfg.steps
 
 
 class _Roles:
@@ -130,22 +141,23 @@ class _Roles:
     ``reference``/``value_base`` arguments put roles on other bases (the naive many-copies layout, for benchmarks).
     """
 
-    def __init__(self, shared: SharedBase, cfg: PPOConfig, reference: SharedBase | None, value_base: SharedBase | None):
-        self.shared, self.cfg = shared, cfg
+    def __init__(self, shared: SharedBase, cfg: PPOConfig, role: str, reference: SharedBase | None,
+                 value_base: SharedBase | None, seed: int):
+        self.shared, self.cfg, self.role = shared, cfg, role
         self.ref_base = reference or shared
         self.value_base = value_base or shared
-        self.value_role = f"{cfg.role}_value" if cfg.value_adapter else cfg.role
-        if cfg.role not in shared.roles:
-            shared.add_role(cfg.role, head=not cfg.value_adapter)
+        self.value_role = f"{role}_value" if cfg.value_adapter else role
+        if role not in shared.roles:
+            shared.add_role(role, head=not cfg.value_adapter, seed=seed)
         if cfg.value_adapter and self.value_role not in self.value_base.roles:
-            self.value_base.add_role(self.value_role, head=True)
+            self.value_base.add_role(self.value_role, head=True, seed=seed)
 
     @property
     def value_head(self) -> torch.nn.Linear:
         return self.value_base.heads[self.value_role]
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        params = self.shared.adapter_parameters(self.cfg.role)
+        params = self.shared.adapter_parameters(self.role)
         if self.cfg.value_adapter:
             params += self.value_base.adapter_parameters(self.value_role)
         return params
@@ -162,46 +174,16 @@ class _Roles:
         return logits, values
 
     def state(self) -> dict[str, torch.Tensor]:
-        state = dict(self.shared.adapter_state(self.cfg.role))
+        state = dict(self.shared.adapter_state(self.role))
         if self.cfg.value_adapter:
             state.update({f"value::{k}": v for k, v in self.value_base.adapter_state(self.value_role).items()})
         return state
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
-        _load_role(self.shared, self.cfg.role, {k: v for k, v in state.items() if not k.startswith("value::")})
+        _load_role(self.shared, self.role, {k: v for k, v in state.items() if not k.startswith("value::")})
         if self.cfg.value_adapter:
             _load_role(self.value_base, self.value_role,
                        {k.split("::", 1)[1]: v for k, v in state.items() if k.startswith("value::")})
-
-
-def kl_penalised_rewards(
-    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, kl_coef: float
-) -> torch.Tensor:
-    """Per-token reward: -beta * kl_t everywhere, plus the score at the last real response token. (B, R)"""
-    rewards = -kl_coef * kl * mask
-    last = (lengths - 1).clamp(min=0)
-    rewards[torch.arange(len(scores), device=rewards.device), last] += scores
-    return rewards
-
-
-def apply_eos_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty: float | None) -> torch.Tensor:
-    """Responses that never ended get ``penalty`` as their score (N+ details); others keep theirs."""
-    if penalty is None:
-        return scores
-    return torch.where(ended, scores, torch.full_like(scores, penalty))
-
-
-def truncate_at(responses: Sequence[Sequence[int]], stop_id: int | None) -> list[list[int]]:
-    """Cut each response after its first ``stop_id`` (kept); unchanged if None or absent."""
-    if stop_id is None:
-        return [list(r) for r in responses]
-    return [list(r[: r.index(stop_id) + 1]) if stop_id in r else list(r) for r in responses]
-
-
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var(returns - values) / Var(returns) over response tokens (1 = perfect critic, <= 0 = useless)."""
-    var_ret = masked_var(returns, mask)
-    return float(1.0 - masked_var(returns - values, mask) / var_ret.clamp(min=1e-8))
 
 
 class _Watch:
@@ -282,27 +264,40 @@ def _load_role(shared: SharedBase, role: str, adapter: dict[str, torch.Tensor]) 
 
 def train(
     shared: SharedBase,
-    prompt_ids: Sequence[Sequence[int]],
-    score_fn: ScoreFn,
     cfg: PPOConfig,
+    data: TrainData,
     *,
+    role: str = "ppo",
     on_step: StepCallback = no_op,
-    init_value_head: torch.nn.Linear | None = None,
     resume: bool = False,
     reference: SharedBase | None = None,
     value_base: SharedBase | None = None,
 ) -> None:
-    """Run ``cfg.steps`` PPO iterations on ``prompt_ids``; ``resume`` continues from ``cfg.checkpoint_dir``."""
-    roles = _Roles(shared, cfg, reference, value_base)
-    if init_value_head is not None:  # value head starts as the reward model's score head (N+ details)
-        roles.value_head.load_state_dict(init_value_head.state_dict())
+    """Run ``cfg.steps`` PPO iterations on ``data.prompts`` against ``data.score_fn``, training adapter ``role``.
+
+    ``resume`` continues from ``cfg.checkpoint_dir``; ``reference`` / ``value_base`` put those roles on other bases
+    (the many-copies layout, for benchmarks only).
+    """
+    if data.score_fn is None:
+        raise ValueError("PPO needs a reward source: TrainData.score_fn is None")
+    seed = 0 if cfg.seed is None else cfg.seed
+    roles = _Roles(shared, cfg, role, reference, value_base, seed)
+    if cfg.value_from_rm:  # value head starts as the reward model's score head (N+ details)
+        rm = data.reward_model
+        if rm is None:
+            raise ValueError("PPOConfig.value_from_rm needs a trained reward model")
+        with torch.no_grad():
+            roles.value_head.weight.copy_(rm.head.weight)
+            roles.value_head.bias.copy_(rm.head.bias - rm.offset)  # the value predicts the normalised score
+    score_fn = data.score_fn
     tok, device = shared.tokenizer, shared.device
+    prompt_ids = encode_training_prompts(data.prompts, tok, cfg.max_prompt_tokens)
     eos, stop = tok.eos_token_id, cfg.stop_token_id
     dist = dist_state()  # one process unless started by `accelerate launch` / torchrun
     world, rank = dist.num_processes, dist.process_index
     params = roles.parameters()
     opt = adamw(params, cfg.learning_rate)
-    rng = random.Random(cfg.seed)
+    rng = random.Random(seed)
     kl_ctl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
     watch = _Watch()
     order: list[int] = []
@@ -327,10 +322,10 @@ def train(
         mine = order[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
         batch_prompts = [list(prompt_ids[i])[-cfg.max_prompt_tokens :] for i in mine]
         order = order[cfg.batch_size * world :]
-        with shared.role(cfg.role) as lm:
+        with shared.role(role) as lm:
             responses = sample(
                 lm, tok, batch_prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                seed=cfg.seed * 100_003 + step + 1_000_003 * rank, batch_size=cfg.batch_size,
+                seed=seed * 100_003 + step + 1_000_003 * rank, batch_size=cfg.batch_size,
             )
         responses = truncate_at(responses, stop)
         t_gen = time.perf_counter() - t0
@@ -344,7 +339,7 @@ def train(
 
         # 3. log-probs and values of the rollout; reference log-probs; KL-penalised per-token reward
         with torch.no_grad():
-            with shared.role(cfg.role) as lm:
+            with shared.role(role) as lm:
                 logits, old_values = roles.forward(lm, batch, cfg.temperature)
                 old_logprobs = gather_logprobs(logits, batch.response_ids)  # (B, R)
                 entropy = masked_mean(entropy_from_logits(logits), mask)
@@ -369,7 +364,7 @@ def train(
         # 5. update: ppo_epochs passes of minibatches (each accumulated over grad_accum micro-batches)
         stats: dict[str, list[float]] = {k: [] for k in ("loss", "pg", "vf", "clipfrac", "approx_kl", "vf_clipfrac")}
         micro = cfg.mini_batch_size // cfg.grad_accum
-        with shared.role(cfg.role) as lm:
+        with shared.role(role) as lm:
             for _ in range(cfg.ppo_epochs):
                 for idx in minibatches(len(batch_prompts), cfg.mini_batch_size, rng):
                     opt.zero_grad(set_to_none=True)
@@ -430,6 +425,6 @@ def train(
             _save_checkpoint(cfg.checkpoint_dir, {
                 "step": step, "adapter": roles.state(), "optimizer": opt.state_dict(),
                 "rng": rng.getstate(), "order": order, "kl_coef": kl_ctl.value, "watch_first": watch.first,
-                "config": asdict(cfg),
+                "config": asdict(cfg), "role": role,
             })
         on_step(step, metrics)

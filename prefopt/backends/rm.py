@@ -6,9 +6,11 @@ The score of (prompt, response) is the head applied to the hidden state of the l
 
 from __future__ import annotations
 
+import json
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -20,6 +22,11 @@ from prefopt.models.ops import encode_prompts, encode_responses, hidden_states, 
 from prefopt.models.shared import SharedBase
 
 
+RM_WHEN = ("auto", "always")
+ROLE = "rm"  # the reward model's adapter name on the shared base (no policy may take it)
+META_FILE = "reward_model.json"
+
+
 @dataclass
 class RewardConfig:
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate for the LoRA adapter and head (LoRA takes ~10x a full fine-tune's rate; 1e-3 measured best of 3e-4/1e-3 on the default task).", "positive": True})
@@ -29,24 +36,46 @@ class RewardConfig:
     max_prompt_tokens: int = field(default=64, metadata={"help": "Prompts keep their last N tokens.", "positive": True})
     max_response_tokens: int = field(default=64, metadata={"help": "Responses are cut to N tokens.", "positive": True})
     normalize_on: int = field(default=256, metadata={"help": "Shift scores so reference responses average 0, estimated on up to N training responses (0 = off; N+ details)."})
-    role: str = field(default="rm", metadata={"help": "Adapter name of the reward model on the shared base."})
-    seed: int = field(default=0, metadata={"help": "Seed for shuffling."})
+    when: str = field(default="auto", metadata={"help": "'auto': train the reward model when a policy needs it (reward 'rm'); 'always': "
+                                                "also for runs without one, so every policy gets a proxy reward and the gold-proxy gap."})
+    seed: int | None = field(default=None, metadata={"help": "Seed for shuffling (None: the run's master seed)."})
 
     def __post_init__(self):
         check_config(self)
+        if self.when not in RM_WHEN:
+            raise ValueError(f"RewardConfig.when must be one of {RM_WHEN}, got {self.when!r}")
+        if self.normalize_on < 0:
+            raise ValueError(f"RewardConfig.normalize_on must be >= 0, got {self.normalize_on}")
 
 
 class RewardModel:
     """A trained reward model: scores token ids (fast path, same tokenizer) or text (re-tokenised)."""
 
-    def __init__(self, shared: SharedBase, cfg: RewardConfig, batch_size: int = 32):
-        self.shared, self.cfg, self.batch_size = shared, cfg, batch_size
+    def __init__(self, shared: SharedBase, cfg: RewardConfig, role: str = ROLE, batch_size: int = 32):
+        self.shared, self.cfg, self.role, self.batch_size = shared, cfg, role, batch_size
         self.offset = 0.0  # subtracted from every score (reward normalisation, set by normalize())
-        self.name = f"rm:{cfg.role}"
+        self.name = f"rm:{role}"
 
     @property
     def head(self) -> torch.nn.Linear:
-        return self.shared.heads[self.cfg.role]
+        return self.shared.heads[self.role]
+
+    def save(self, folder: str | Path) -> Path:
+        """A PEFT adapter folder (+ the score head in safetensors and the offset in JSON)."""
+        folder = self.shared.save_role(self.role, folder)
+        (Path(folder) / META_FILE).write_text(json.dumps({"offset": self.offset, "role": self.role,
+                                                          "config": asdict(self.cfg)}, indent=2) + "\n")
+        return Path(folder)
+
+    @classmethod
+    def load(cls, shared: SharedBase, folder: str | Path, role: str = ROLE) -> "RewardModel":
+        """Put a saved reward model on ``shared`` as adapter ``role``."""
+        meta = json.loads((Path(folder) / META_FILE).read_text())
+        shared.load_role(role, folder)
+        cfg = RewardConfig(**{k: v for k, v in meta["config"].items() if k in RewardConfig.__dataclass_fields__})
+        rm = cls(shared, cfg, role)
+        rm.offset = float(meta["offset"])
+        return rm
 
     def normalize(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> float:
         """Set the offset so these (reference) responses score 0 on average; returns the offset."""
@@ -58,7 +87,7 @@ class RewardModel:
     def score_ids(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> torch.Tensor:
         out = []
         pad = self.shared.tokenizer.pad_token_id
-        with self.shared.role(self.cfg.role) as lm:
+        with self.shared.role(self.role) as lm:
             for i in range(0, len(prompt_ids), self.batch_size):
                 batch = make_batch(prompt_ids[i : i + self.batch_size], response_ids[i : i + self.batch_size], pad, self.shared.device)
                 out.append(_scores(self.head, lm, batch).float().cpu())
@@ -78,19 +107,24 @@ def _scores(head: torch.nn.Module, lm, batch) -> torch.Tensor:
     return head(h.float()).squeeze(-1)
 
 
+def total_steps(cfg: RewardConfig, pairs: Sequence[PreferencePair]) -> int:
+    return cfg.epochs * -(-len(pairs) // cfg.batch_size)
+
+
 def train(
-    shared: SharedBase, pairs: Sequence[PreferencePair], cfg: RewardConfig, *, on_step: StepCallback = no_op
+    shared: SharedBase, pairs: Sequence[PreferencePair], cfg: RewardConfig, *, role: str = ROLE,
+    on_step: StepCallback = no_op,
 ) -> RewardModel:
-    if cfg.role not in shared.roles:
-        shared.add_role(cfg.role, head=True)
+    seed = 0 if cfg.seed is None else cfg.seed
+    if role not in shared.roles:
+        shared.add_role(role, head=True, seed=seed)
     tok = shared.tokenizer
     data = encode_pairs(pairs, tok, cfg.max_prompt_tokens, cfg.max_response_tokens)
-    params = shared.adapter_parameters(cfg.role)
+    params = shared.adapter_parameters(role)
     opt = adamw(params, cfg.learning_rate)
-    rng = random.Random(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    rng = random.Random(seed)
     step = 0
-    with shared.role(cfg.role) as lm:
+    with shared.role(role) as lm:
         for epoch in range(cfg.epochs):
             for idx in minibatches(len(data), cfg.batch_size, rng):
                 t0 = time.perf_counter()
@@ -98,7 +132,7 @@ def train(
                 prompts = [data.prompt_ids[i] for i in idx] * 2
                 responses = [data.chosen_ids[i] for i in idx] + [data.rejected_ids[i] for i in idx]
                 batch = make_batch(prompts, responses, tok.pad_token_id, shared.device)
-                scores = _scores(shared.heads[cfg.role], lm, batch)  # (2B,)
+                scores = _scores(shared.heads[role], lm, batch)  # (2B,)
                 chosen, rejected = scores[: len(idx)], scores[len(idx) :]
                 margin = None
                 if any(data.margins[i] is not None for i in idx):
@@ -116,12 +150,12 @@ def train(
                     "epoch": epoch,
                     "time/step_s": time.perf_counter() - t0,
                 })
-    rm = RewardModel(shared, cfg)
+    rm = RewardModel(shared, cfg, role)
     if cfg.normalize_on:
         # the pairs' responses are samples of the reference policy (synthetic pairs) or the data PPO starts
         # from: shift so they average 0, so the KL penalty and the score start on the same footing
         n = min(cfg.normalize_on, 2 * len(data))
         all_prompts, all_responses = data.prompt_ids * 2, data.chosen_ids + data.rejected_ids
-        sel = random.Random(cfg.seed).sample(range(len(all_responses)), n)
+        sel = random.Random(seed).sample(range(len(all_responses)), n)
         rm.normalize([all_prompts[i] for i in sel], [all_responses[i] for i in sel])
     return rm

@@ -17,6 +17,7 @@ import csv
 import html
 import io
 import json
+import logging
 import math
 import os
 import random
@@ -46,7 +47,9 @@ Located = tuple[str, Row]
 # --------------------------------------------------------------------------- public API
 
 
-def load_pairs(source: str | os.PathLike[str], *, split: str = "train") -> list[PreferencePair]:
+def load_pairs(
+    source: str | os.PathLike[str], *, split: str = "train", encoding_errors: str = "strict"
+) -> list[PreferencePair]:
     """Load preference pairs from a .jsonl/.json/.csv/.parquet file or a hub dataset name.
 
     Accepted row shapes (decided per row by its keys):
@@ -60,7 +63,7 @@ def load_pairs(source: str | os.PathLike[str], *, split: str = "train") -> list[
     An optional numeric ``margin`` becomes :attr:`PreferencePair.margin`; every other column is
     kept in ``meta``.  ``split`` only matters for hub datasets.
     """
-    return [_pair_from_row(row, loc) for loc, row in _read_rows(source, split)]
+    return [_pair_from_row(row, loc) for loc, row in _read_rows(source, split, encoding_errors)]
 
 
 def load_prompts(
@@ -70,6 +73,7 @@ def load_prompts(
     field: str | None = None,
     prefix_words: tuple[int, int] | None = None,
     seed: int = 0,
+    encoding_errors: str = "strict",
 ) -> list[PromptRecord]:
     """Load prompts from a file or hub dataset (same sources as :func:`load_pairs`).
 
@@ -86,7 +90,7 @@ def load_prompts(
     name = field or "prompt"
     rng = random.Random(seed)
     records: list[PromptRecord] = []
-    for loc, row in _read_rows(source, split):
+    for loc, row in _read_rows(source, split, encoding_errors):
         if row.get(name) is None:
             columns = ", ".join(str(key) for key in row) or "none"
             raise DataError(
@@ -94,6 +98,8 @@ def load_prompts(
                 "name the column that holds the prompt with `field`"
             )
         meta = {key: value for key, value in row.items() if key != name}
+        if isinstance(meta.get("meta"), dict):  # written by write_prompts
+            meta.update(meta.pop("meta"))
         if prefix_words is None:
             prompt: Prompt = _prompt(row[name], name, loc)
         else:
@@ -102,10 +108,35 @@ def load_prompts(
     return records
 
 
+def pair_to_row(pair: PreferencePair) -> Row:
+    """The JSON row :func:`load_pairs` reads back into an equal pair (TRL standard fields + ``margin`` + ``meta``)."""
+    return {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected, "margin": pair.margin,
+            "meta": dict(pair.meta)}
+
+
+def write_pairs(path: str | os.PathLike[str], pairs: Iterable[PreferencePair]) -> Path:
+    """Write pairs as JSON lines that :func:`load_pairs` turns back into exactly these pairs."""
+    out = Path(path)
+    with out.open("w", encoding="utf-8") as f:
+        for pair in pairs:
+            f.write(json.dumps(pair_to_row(pair), ensure_ascii=False, allow_nan=False) + "\n")
+    return out
+
+
+def write_prompts(path: str | os.PathLike[str], prompts: Iterable[PromptRecord]) -> Path:
+    """Write prompt records as JSON lines (``prompt`` + ``meta``) that :func:`load_prompts` reads back."""
+    out = Path(path)
+    with out.open("w", encoding="utf-8") as f:
+        for record in prompts:
+            f.write(json.dumps({"prompt": record.prompt, "meta": dict(record.meta)}, ensure_ascii=False,
+                               allow_nan=False) + "\n")
+    return out
+
+
 # --------------------------------------------------------------------------- sources
 
 
-def _read_rows(source: str | os.PathLike[str], split: str) -> list[Located]:
+def _read_rows(source: str | os.PathLike[str], split: str, encoding_errors: str = "strict") -> list[Located]:
     """Read all rows of ``source`` with their location labels; never returns an empty list."""
     label = os.fspath(source)
     path = _local_path(source)
@@ -117,7 +148,7 @@ def _read_rows(source: str | os.PathLike[str], split: str) -> list[Located]:
         if suffix == ".parquet":
             rows = _parquet_rows(path, label)
         else:
-            text = _read_text(path, label)
+            text = _read_text(path, label, encoding_errors)
             if suffix == ".csv":
                 rows = _csv_rows(text, label)
             elif suffix == ".json" and text.lstrip().startswith("["):
@@ -175,14 +206,34 @@ def _hub_rows(name: str, split: str) -> list[Located]:
         ) from exc
 
 
-def _read_text(path: Path, label: str) -> str:
-    """Read a UTF-8 text file (a leading BOM, as Excel writes, is dropped)."""
+ENCODING_ERRORS = ("strict", "replace")
+log = logging.getLogger("prefopt.data")
+
+
+def _read_text(path: Path, label: str, errors: str = "strict") -> str:
+    """Read a UTF-8 text file (a leading BOM, as Excel writes, is dropped).
+
+    ``errors="strict"`` refuses invalid UTF-8 with the line of the first bad byte; ``"replace"`` turns each invalid
+    byte sequence into U+FFFD and logs how many and on which lines (nothing is dropped silently).
+    """
+    if errors not in ENCODING_ERRORS:
+        raise ValueError(f"encoding_errors must be one of {ENCODING_ERRORS}, got {errors!r}")
+    raw = path.read_bytes()
     try:
-        return path.read_text(encoding="utf-8-sig")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise DataError(
-            f"{label}: not valid UTF-8 ({exc.reason} at byte {exc.start}): re-save the file as UTF-8"
-        ) from exc
+        if errors == "strict":
+            line = raw[: exc.start].count(b"\n") + 1
+            raise DataError(
+                f"{label}:{line}: not valid UTF-8 ({exc.reason} at byte {exc.start}): re-save the file as UTF-8, "
+                "or set data.encoding_errors=replace to read bad bytes as U+FFFD"
+            ) from None
+    text = raw.decode("utf-8-sig", errors="replace")
+    lines = [i + 1 for i, line in enumerate(text.split("\n")) if "\ufffd" in line]
+    count = text.count("\ufffd") - raw.decode("utf-8-sig", errors="ignore").count("\ufffd")
+    shown = ", ".join(map(str, lines[:8])) + (" ..." if len(lines) > 8 else "")
+    log.warning(f"{label}: {count} invalid UTF-8 byte sequence(s) read as U+FFFD on {len(lines)} line(s): {shown}")
+    return text
 
 
 def _jsonl_rows(text: str, label: str) -> list[Located]:
@@ -349,14 +400,19 @@ def _split_conversations(chosen: list, rejected: list, loc: str) -> tuple[list[M
 
 def _make_pair(prompt: Prompt, chosen: str, rejected: str, row: Row, loc: str) -> PreferencePair:
     """Final checks shared by all adapters, then build the pair with margin and meta."""
+    meta = {key: value for key, value in row.items() if key not in _PAIR_FIELDS}
+    if isinstance(meta.get("meta"), dict):  # a file prefopt wrote (write_pairs): its meta nests under "meta"
+        nested = meta.pop("meta")
+        meta.update(nested)
     for name, text in (("chosen", chosen), ("rejected", rejected)):
-        if not text.strip():
-            raise DataError(f"{loc}: field '{name}' is empty: every pair needs two non-empty responses")
+        # an empty response is only a response when the row says it ended there (an immediate EOS)
+        if not text.strip() and not (text == "" and meta.get(f"{name}_eos") is True):
+            raise DataError(f"{loc}: field '{name}' is empty: every pair needs two non-empty responses "
+                            f"(or '{name}_eos': true for a response that is only EOS)")
     if chosen == rejected:
         raise DataError(
             f"{loc}: fields 'chosen' and 'rejected' are identical: a pair needs two different responses"
         )
-    meta = {key: value for key, value in row.items() if key not in _PAIR_FIELDS}
     return PreferencePair(prompt, chosen, rejected, margin=_margin(row, loc), meta=meta)
 
 

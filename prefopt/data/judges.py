@@ -15,6 +15,12 @@ from typing import Any, Protocol, runtime_checkable
 
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
+from prefopt.errors import PrefoptError
+
+
+class JudgeError(PrefoptError, ValueError):
+    """A judge that cannot be built, or that returned unusable scores (one line, names the judge)."""
+
 
 @runtime_checkable
 class Judge(Protocol):
@@ -68,7 +74,7 @@ class PipelineJudge:
             self._pipe: Callable[..., Any] = pipeline("text-classification", model=model, device=device)
         except Exception as exc:  # any load failure has the same remedy
             detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
-            raise ValueError(
+            raise JudgeError(
                 f"could not load judge model '{model}' ({detail}): needs internet or a local path"
             ) from exc
 
@@ -87,7 +93,7 @@ class PipelineJudge:
             if str(entry["label"]).lower() == wanted:
                 return float(entry["score"])
         found = ", ".join(str(entry["label"]) for entry in labels)
-        raise ValueError(
+        raise JudgeError(
             f"judge '{self.name}' has no label '{self.positive_label}' (labels: {found}): "
             "set positive_label to the positive class"
         )
@@ -112,56 +118,76 @@ class FunctionJudge:
         try:
             values = list(raw)
         except TypeError:
-            raise ValueError(
+            raise JudgeError(
                 f"judge '{self.name}' must return a list of numbers, got {type(raw).__name__}"
             ) from None
         if len(values) != len(responses):
-            raise ValueError(
+            raise JudgeError(
                 f"judge '{self.name}' returned {len(values)} scores for {len(responses)} responses"
             )
         scores: list[float] = []
         for i, value in enumerate(values):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(
+                raise JudgeError(
                     f"judge '{self.name}' returned a non-finite or non-numeric score {value!r} at index {i}"
                 )
             scores.append(float(value))
         return scores
 
 
-JUDGES: dict[str, Callable[[], Judge]] = {"vader": VaderJudge}
+class CharFrequencyJudge:
+    """Fraction of the response's characters that belong to ``chars`` (default: the vowels), in [0, 1].
+
+    A judge a tiny character-level model can learn to please in seconds: what the smoke preset uses, so a smoke
+    run can tell a working algorithm from a broken one (VADER scores a tiny model's random characters as 0).
+    """
+
+    def __init__(self, chars: str = "aeiou") -> None:
+        if not chars:
+            raise JudgeError("judge 'chars:' needs at least one character, e.g. 'chars:aeiou'")
+        self.chars = frozenset(chars)
+        self.name = "chars" if chars == "aeiou" else f"chars:{chars}"
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        _check_lengths(self.name, prompts, responses)
+        return [sum(c in self.chars for c in text) / len(text) if text else 0.0 for text in responses]
+
+
+JUDGES: dict[str, Callable[[], Judge]] = {"vader": VaderJudge, "chars": CharFrequencyJudge}
 """Judges that need no argument, by name."""
 
-_FORMS = "'" + "', '".join(JUDGES) + "', 'hf:<model id or path>' or 'py:module.path:function'"
+_FORMS = "'" + "', '".join(JUDGES) + "', 'chars:<set>', 'hf:<model id or path>' or 'py:module.path:function'"
 
 
 def load_judge(spec: str) -> Judge:
-    """Build a judge from a spec: a name in :data:`JUDGES`, ``hf:<model>`` or ``py:module:function``."""
+    """Build a judge from a spec: a name in :data:`JUDGES`, ``chars:<set>``, ``hf:<model>`` or ``py:module:function``."""
     if spec in JUDGES:
         return JUDGES[spec]()
+    if spec.startswith("chars:"):
+        return CharFrequencyJudge(spec[len("chars:"):])
     if spec.startswith("hf:") and spec[3:]:
         return PipelineJudge(spec[3:])
     if spec.startswith("py:"):
         return FunctionJudge(_import_function(spec), name=spec)
-    raise ValueError(f"unknown judge '{spec}': use {_FORMS}")
+    raise JudgeError(f"unknown judge '{spec}': use {_FORMS}")
 
 
 def _import_function(spec: str) -> Callable[[list[str], list[str]], Sequence[float]]:
     module_name, _, attr = spec[3:].rpartition(":")
     if not module_name or not attr:
-        raise ValueError(f"judge '{spec}' must look like 'py:module.path:function'")
+        raise JudgeError(f"judge '{spec}' must look like 'py:module.path:function'")
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # report any import failure the same way
-        raise ValueError(
+        raise JudgeError(
             f"could not import judge module '{module_name}' ({type(exc).__name__}: {exc})"
         ) from exc
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ValueError(f"judge '{spec}': module '{module_name}' has no function '{attr}'")
+        raise JudgeError(f"judge '{spec}': module '{module_name}' has no function '{attr}'")
     return fn
 
 
 def _check_lengths(name: str, prompts: Sequence[str], responses: Sequence[str]) -> None:
     if len(prompts) != len(responses):
-        raise ValueError(f"judge '{name}': got {len(prompts)} prompts but {len(responses)} responses")
+        raise JudgeError(f"judge '{name}': got {len(prompts)} prompts but {len(responses)} responses")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from prefopt.errors import PrefoptError
+
 Message = dict[str, str]
 """One chat turn, ``{"role": ..., "content": ...}`` (the shape chat templates expect)."""
 
@@ -43,7 +45,7 @@ class PromptRecord:
     meta: dict = field(default_factory=dict)
 
 
-class DataError(Exception):
+class DataError(PrefoptError):
     """A user-facing input error.
 
     ``str(e)`` is always ONE line naming the file, the line or row, the field and what to do,

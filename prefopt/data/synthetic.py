@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import combinations
 
 from prefopt.data.records import PreferencePair, Prompt
@@ -28,9 +28,9 @@ class AnnotatorConfig:
     mimic judges that prefer longer answers.
     """
 
-    temperature: float = 0.1
-    flip_rate: float = 0.0
-    length_bias: float = 0.0
+    temperature: float = field(default=0.1, metadata={"help": "Bradley–Terry temperature on gold-score differences (-> 0: always the higher score)."})
+    flip_rate: float = field(default=0.0, metadata={"help": "Probability of flipping a sampled label (annotator noise), in [0, 0.5]."})
+    length_bias: float = field(default=0.0, metadata={"help": "Utility added per 100 characters (a verbosity-biased annotator)."})
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature > 0):

@@ -6,9 +6,7 @@ estimator. Nothing in this module knows about models or tokenizers: callers hand
 plain arrays of per-sample scores and get back an :class:`Estimate` with an interval,
 because a single mean over a few hundred prompts is not evidence of anything without one.
 
-scipy is deliberately not a dependency, so the Student-t quantile is computed here from
-the regularized incomplete beta function (continued fraction + bisection). That is
-exact to ~1e-10, which is far below anything a three-decimal report can show.
+Quantiles come from scipy (``scipy.stats.t``), not from hand-written numerics.
 """
 
 from __future__ import annotations
@@ -19,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike
+from scipy import stats as _stats
 
 __all__ = [
     "Estimate",
@@ -27,6 +26,8 @@ __all__ = [
     "bootstrap_ci",
     "distinct_n",
     "mean_ci",
+    "metric_spec",
+    "metric_versions",
     "normal_ppf",
     "t_ppf",
     "win_outcomes",
@@ -82,14 +83,8 @@ class Estimate:
 
 
 # ---------------------------------------------------------------------------
-# Quantiles (no scipy)
+# Quantiles (scipy)
 # ---------------------------------------------------------------------------
-
-_BISECT_ITERS = 200  # halves a bracket of width <= 2**11 far below float resolution
-_CF_MAX_ITERS = 20_000  # continued fraction needs O(sqrt(df)) terms for huge df
-_CF_EPS = 1e-15
-_CF_TINY = 1e-300
-_DF_NORMAL = 1e7  # beyond this the t and normal quantiles agree to ~1e-7
 
 
 def _check_prob(q: float) -> None:
@@ -102,104 +97,20 @@ def _check_confidence(confidence: float) -> None:
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
 
 
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction for I_x(a, b) (modified Lentz, Numerical Recipes 6.4)."""
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c = 1.0
-    d = 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > _CF_TINY else _CF_TINY)
-    h = d
-    for m in range(1, _CF_MAX_ITERS + 1):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > _CF_TINY else _CF_TINY)
-        c = 1.0 + aa / c
-        c = c if abs(c) > _CF_TINY else _CF_TINY
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > _CF_TINY else _CF_TINY)
-        c = 1.0 + aa / c
-        c = c if abs(c) > _CF_TINY else _CF_TINY
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < _CF_EPS:
-            return h
-    raise ArithmeticError(f"incomplete beta did not converge (a={a}, b={b}, x={x})")
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """Regularized incomplete beta I_x(a, b) for a, b > 0 and 0 <= x <= 1."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = (
-        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    )
-    front = math.exp(log_front)
-    # The continued fraction converges fast only on this side of the mode; use the
-    # symmetry I_x(a, b) = 1 - I_{1-x}(b, a) on the other side.
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
-
-
-def _t_cdf(t: float, df: float) -> float:
-    """Student-t CDF via P(|T| > |t|) = I_{df/(df+t^2)}(df/2, 1/2)."""
-    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t > 0 else tail
-
-
-def _normal_cdf(x: float) -> float:
-    return 0.5 * math.erfc(-x / math.sqrt(2.0))
-
-
-def _bisect_upper(cdf, q: float) -> float:
-    """Solve cdf(x) = q for q > 0.5 on x >= 0, growing the bracket as needed."""
-    lo, hi = 0.0, 1.0
-    while cdf(hi) < q:
-        lo, hi = hi, hi * 2.0
-        if hi > 1e12:  # only reachable for q indistinguishable from 1
-            return math.inf
-    for _ in range(_BISECT_ITERS):
-        mid = 0.5 * (lo + hi)
-        if cdf(mid) < q:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-14 * max(1.0, hi):
-            break
-    return 0.5 * (lo + hi)
-
-
 def normal_ppf(q: float) -> float:
-    """Standard normal quantile (inverse CDF), accurate to ~1e-12."""
+    """Standard normal quantile (inverse CDF)."""
     _check_prob(q)
-    if q == 0.5:
-        return 0.0
-    if q < 0.5:
-        return -_bisect_upper(_normal_cdf, 1.0 - q)
-    return _bisect_upper(_normal_cdf, q)
+    return float(_stats.norm.ppf(q))
 
 
 def t_ppf(q: float, df: float) -> float:
-    """Student-t quantile with ``df`` degrees of freedom (``math.inf`` gives the normal).
-
-    Solved by bisection on the exact CDF rather than a closed-form approximation so
-    that small-sample intervals (df of 2-5, common in quick runs) are exact.
-    """
+    """Student-t quantile with ``df`` degrees of freedom (``math.inf`` gives the normal)."""
     _check_prob(q)
     if not df > 0:
         raise ValueError(f"degrees of freedom must be > 0, got {df!r}")
-    if df >= _DF_NORMAL:
+    if math.isinf(df):
         return normal_ppf(q)
-    if q == 0.5:
-        return 0.0
-    if q < 0.5:
-        return -_bisect_upper(lambda t: _t_cdf(t, df), 1.0 - q)
-    return _bisect_upper(lambda t: _t_cdf(t, df), q)
+    return float(_stats.t.ppf(q, df))
 
 
 # ---------------------------------------------------------------------------
@@ -364,6 +275,7 @@ class MetricSpec:
     higher_is_better: bool | None
     description: str
     fmt: str = "{:.3f}"
+    version: int = 1  # bump when the estimator changes: reports refuse to pool numbers of different versions
 
     def format(self, value: float) -> str:
         return self.fmt.format(value)
@@ -389,7 +301,29 @@ METRICS: dict[str, MetricSpec] = _specs(
         "Paired gold-judge win rate against the reference policy's sample for the same "
         "prompt; ties count half.",
     ),
-    MetricSpec("eval/length", None, "Mean response length in tokens."),
+    MetricSpec(
+        "eval/win_rate_vs_",
+        True,
+        "Head-to-head: paired gold-judge win rate against the named policy's sample for the same prompt; "
+        "ties count half (a prefix: one metric per opponent).",
+    ),
+    MetricSpec(
+        "eval/gold_proxy_gap",
+        None,
+        "Proxy minus gold reward, each standardised by the reference's samples; > 0: the reward model "
+        "overrates the policy's gain (over-optimisation).",
+    ),
+    MetricSpec(
+        "eval/implicit_reward_accuracy",
+        True,
+        "On held-out gold-labelled pairs: how often log pi/pi_ref ranks the chosen response first.",
+    ),
+    MetricSpec(
+        "eval/proxy_accuracy",
+        True,
+        "On held-out gold-labelled pairs: how often the reward model ranks the chosen response first.",
+    ),
+    MetricSpec("eval/length", None, "Mean response length in tokens.", fmt="{:.1f}"),
     MetricSpec("eval/distinct_2", True, "Distinct bigrams / total bigrams over all responses."),
     MetricSpec("eval/eos_rate", None, "Fraction of responses that ended with EOS."),
     # -- training logs --
@@ -412,3 +346,17 @@ METRICS: dict[str, MetricSpec] = _specs(
         "Fraction of preference pairs where chosen gets the higher (implicit) reward.",
     ),
 )
+
+
+def metric_spec(name: str) -> MetricSpec | None:
+    """The spec of a metric name; ``eval/win_rate_vs_<policy>`` resolves to the head-to-head prefix spec."""
+    if name in METRICS:
+        return METRICS[name]
+    if name.startswith("eval/win_rate_vs_"):
+        return METRICS["eval/win_rate_vs_"]
+    return None
+
+
+def metric_versions() -> dict[str, int]:
+    """Every metric's estimator version (recorded in each run's summary.json)."""
+    return {name: spec.version for name, spec in METRICS.items()}

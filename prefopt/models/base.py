@@ -15,10 +15,12 @@ from pathlib import Path
 
 import torch
 
+from prefopt.errors import PrefoptError
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelError(Exception):
+class ModelError(PrefoptError):
     """User-facing model loading error; ``str(e)`` is one line saying what to do."""
 
 

@@ -8,11 +8,16 @@ kept beside the adapters.
 
 from __future__ import annotations
 
+import os
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
+
+HEADS_FILE = "heads.safetensors"
 
 
 @dataclass
@@ -78,10 +83,24 @@ class SharedBase:
     def hidden_size(self) -> int:
         return self._lm.get_output_embeddings().weight.shape[1]
 
-    def add_role(self, name: str, *, head: bool = False) -> None:
-        """Add a fresh LoRA adapter ``name`` (same LoraSettings as every other role), plus a scalar head."""
+    def add_role(self, name: str, *, head: bool = False, seed: int | None = None) -> None:
+        """Add a fresh LoRA adapter ``name`` (same LoraSettings as every other role), plus a scalar head.
+
+        With ``seed`` the initial weights are a function of the seed alone (the global RNG is left untouched), so
+        every policy of a run starts from the same adapter, and a stage gives the same result whether the stages
+        before it ran in this process or came from a cache.
+        """
         if name in self.roles:
             raise ValueError(f"role {name!r} already exists")
+        if seed is None:
+            self._add_role(name, head)
+            return
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            self._add_role(name, head)
+
+    def _add_role(self, name: str, head: bool) -> None:
         from peft import get_peft_model
 
         if self.peft is None:
@@ -96,6 +115,51 @@ class SharedBase:
             nn.init.zeros_(lin.bias)
             self.heads[name] = lin
         self._lm.eval()  # dropout stays off everywhere
+
+    # ------------------------------------------------------------------------------------------ artifacts
+    def save_role(self, name: str, folder: str | Path) -> Path:
+        """Write role ``name`` as a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``,
+        loadable with ``PeftModel.from_pretrained(base, folder)``), plus its head in ``heads.safetensors``."""
+        from safetensors.torch import save_file
+
+        if name not in self.roles:
+            raise KeyError(f"unknown role {name!r}; roles: {self.roles}")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = folder / ".peft-save"
+        shutil.rmtree(staging, ignore_errors=True)
+        self.peft.save_pretrained(str(staging), selected_adapters=[name], save_embedding_layers=False)
+        written = staging / name if (staging / name).is_dir() else staging  # peft nests non-"default" names
+        for item in written.iterdir():
+            if item.is_file():
+                os.replace(item, folder / item.name)
+        shutil.rmtree(staging, ignore_errors=True)
+        if name in self.heads:
+            state = {k: v.detach().contiguous().cpu() for k, v in self.heads[name].state_dict().items()}
+            save_file(state, str(folder / HEADS_FILE), metadata={"format": "pt"})
+        return folder
+
+    def load_role(self, name: str, folder: str | Path) -> None:
+        """Add role ``name`` from a folder written by :meth:`save_role` (or any PEFT LoRA adapter folder)."""
+        from peft import PeftModel
+        from safetensors.torch import load_file
+
+        if name in self.roles:
+            raise ValueError(f"role {name!r} already exists")
+        folder = Path(folder)
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(self._lm, str(folder), adapter_name=name, is_trainable=False)
+            self._lm = self.peft.get_base_model()
+        else:
+            self.peft.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+        self.roles.append(name)
+        heads = folder / HEADS_FILE
+        if heads.is_file():
+            state = load_file(str(heads))
+            lin = nn.Linear(state["weight"].shape[1], 1, device=self.device, dtype=torch.float32)
+            lin.load_state_dict({k: v.to(self.device) for k, v in state.items()})
+            self.heads[name] = lin
+        self._lm.eval()
 
     @contextmanager
     def role(self, name: str):

@@ -21,7 +21,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["KL_METRIC", "REWARD_METRIC", "plot_reward_kl"]
+__all__ = ["KL_METRIC", "REWARD_METRIC", "plot_frontier", "plot_overoptimisation", "plot_reward_kl", "plot_win_rates"]
 
 KL_METRIC = "eval/kl_to_ref"
 REWARD_METRIC = "eval/gold_reward"
@@ -48,15 +48,32 @@ def _point(row: Mapping[str, Any] | None) -> tuple[float, tuple[float, float] | 
     return mean, (max(0.0, mean - lo), max(0.0, hi - mean))
 
 
+def _path_xy(path_rows: Sequence[Mapping[str, Any]], policy: str) -> tuple[list[float], list[float]]:
+    """(KL, gold) of a policy's evaluations during training, in step order."""
+    by_step: dict[Any, dict[str, float]] = {}
+    for r in path_rows:
+        if r.get("policy") == policy and _finite(r.get("mean")) is not None:
+            by_step.setdefault(r.get("step"), {})[str(r.get("metric"))] = float(r["mean"])
+    xs, ys = [], []
+    for step in sorted(by_step, key=lambda s: (s is None, s)):
+        d = by_step[step]
+        if KL_METRIC in d and REWARD_METRIC in d:
+            xs.append(d[KL_METRIC])
+            ys.append(d[REWARD_METRIC])
+    return xs, ys
+
+
 def plot_reward_kl(
     summary: Sequence[Mapping[str, Any]],
     path: str | PathLike[str],
     *,
     title: str | None = None,
     policies: Sequence[str] | None = None,
+    path_rows: Sequence[Mapping[str, Any]] = (),
 ) -> Path:
     """Write a PNG: x = KL to reference, y = gold reward, one labelled point per policy.
 
+    Dashed lines are each policy's path through its evaluations during training (``path_rows``).
     Points are labelled in place (no legend to cross-reference). Error bars show each
     row's [lo, hi] where present. Policies lacking either metric
     are left out; if none has both, the image still gets written with a note, so a run
@@ -76,6 +93,12 @@ def plot_reward_kl(
         if x is None or y is None:
             continue
         (x_mean, x_err), (y_mean, y_err) = x, y
+        px, py = _path_xy(path_rows, policy)
+        ref_x = _point(rows.get(("reference", KL_METRIC)))
+        ref_y = _point(rows.get(("reference", REWARD_METRIC)))
+        if px and ref_x is not None and ref_y is not None:  # the run's path: reference -> checkpoints -> final
+            ax.plot([ref_x[0], *px, x_mean], [ref_y[0], *py, y_mean], "--", lw=1, alpha=0.6, color=f"C{i % 10}",
+                    marker=".", markersize=5)
         ax.errorbar(
             [x_mean],
             [y_mean],
@@ -112,6 +135,126 @@ def plot_reward_kl(
     ax.set_title(title or "Gold reward vs KL to reference")
     ax.grid(True, alpha=0.3)
 
+    out = Path(path)
+    fig.savefig(out, dpi=DPI, format="png")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- comparisons
+PROXY_METRIC = "eval/proxy_reward"
+WIN_METRIC = "eval/win_rate_vs_ref"
+
+
+def _new_figure(width: float, height: float, ncols: int = 1):
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+    return fig, axes
+
+
+def _errorbar(ax, x: Mapping[str, Any], y: Mapping[str, Any], color: str, label: str | None = None, **kw) -> None:
+    px, py = _point(x), _point(y)
+    if px is None or py is None:
+        return
+    ax.errorbar([px[0]], [py[0]], xerr=None if px[1] is None else [[px[1][0]], [px[1][1]]],
+                yerr=None if py[1] is None else [[py[1][0]], [py[1][1]]], fmt="o", color=color, capsize=3,
+                markersize=6, label=label, **kw)
+
+
+def plot_frontier(
+    variants: Mapping[str, Mapping[str, Any]],
+    curves: Mapping[str, Sequence[Mapping[str, Any]]],
+    path: str | PathLike[str],
+    *,
+    metric: str = REWARD_METRIC,
+    title: str = "Gold reward vs KL to the reference, per algorithm",
+) -> Path:
+    """The frontier plot (DPO paper, Fig. 2 style). ``variants``: variant -> {"algorithm", "rows": {metric: row},
+    "path": [{metric: row}, ...]}; ``curves``: algorithm -> [{"budget", "mean", "lo", "hi"}] (the frontier read at
+    a grid of KL budgets, pooled over seeds, drawn as a line with its 95% band)."""
+    fig, (ax,) = _new_figure(7.0, 5.0)
+    algorithms = list(dict.fromkeys([*(v["algorithm"] for v in variants.values()), *curves]))
+    colour = {a: f"C{i % 10}" for i, a in enumerate(algorithms)}
+    labelled: set[str] = set()
+    for name, v in variants.items():
+        c = colour[v["algorithm"]]
+        rows = v["rows"]
+        label = None if v["algorithm"] in labelled else v["algorithm"]
+        labelled.add(v["algorithm"])
+        steps = [p for p in v.get("path", []) if KL_METRIC in p and metric in p]
+        if steps:
+            ax.plot([float(p[KL_METRIC]["mean"]) for p in steps] + [float(rows[KL_METRIC]["mean"])],
+                    [float(p[metric]["mean"]) for p in steps] + [float(rows[metric]["mean"])],
+                    ":", color=c, lw=0.8, alpha=0.6)
+        if KL_METRIC in rows and metric in rows:
+            _errorbar(ax, rows[KL_METRIC], rows[metric], c, label=label, alpha=0.9)
+    for alg, pts in curves.items():
+        pts = [p for p in pts if _finite(p.get("mean")) is not None]
+        if not pts:
+            continue
+        xs = [p["budget"] for p in pts]
+        ax.plot(xs, [p["mean"] for p in pts], "-", color=colour[alg], lw=2)
+        band = [p for p in pts if _finite(p.get("lo")) is not None and _finite(p.get("hi")) is not None]
+        if band:
+            ax.fill_between([p["budget"] for p in band], [p["lo"] for p in band], [p["hi"] for p in band],
+                            color=colour[alg], alpha=0.15, lw=0)
+    ax.set_xlabel("KL(pi || pi_ref), nats (sequence, on the policy's samples)")
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if labelled:
+        ax.legend(loc="best", fontsize=9)
+    out = Path(path)
+    fig.savefig(out, dpi=DPI, format="png")
+    return out
+
+
+def plot_overoptimisation(variants: Mapping[str, Mapping[str, Any]], path: str | PathLike[str]) -> Path:
+    """Gold (left) and proxy (right) reward against KL for every variant, through its training path: where
+    the gold reward peaks while the proxy keeps rising, the policy is exploiting the reward model."""
+    fig, axes = _new_figure(11.0, 4.6, ncols=2)
+    algorithms = list(dict.fromkeys(v["algorithm"] for v in variants.values()))
+    colour = {a: f"C{i % 10}" for i, a in enumerate(algorithms)}
+    labelled: set[str] = set()
+    for name, v in variants.items():
+        c = colour[v["algorithm"]]
+        label = None if v["algorithm"] in labelled else v["algorithm"]
+        labelled.add(v["algorithm"])
+        pts = [*v.get("path", []), v["rows"]]
+        for ax, metric in zip(axes, (REWARD_METRIC, PROXY_METRIC)):
+            xy = [(float(p[KL_METRIC]["mean"]), float(p[metric]["mean"])) for p in pts
+                  if KL_METRIC in p and metric in p and _finite(p[metric].get("mean")) is not None]
+            if xy:
+                ax.plot(*zip(*xy), "-o", color=c, lw=1.2, markersize=3, alpha=0.8, label=label)
+    for ax, metric in zip(axes, (REWARD_METRIC, PROXY_METRIC)):
+        ax.set_xlabel("KL(pi || pi_ref), nats")
+        ax.set_ylabel(metric)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_title("gold reward (what we want)")
+    axes[1].set_title("proxy reward (what the policy was trained on)")
+    if labelled:
+        axes[0].legend(loc="best", fontsize=8)
+    out = Path(path)
+    fig.savefig(out, dpi=DPI, format="png")
+    return out
+
+
+def plot_win_rates(rows: Sequence[Mapping[str, Any]], path: str | PathLike[str]) -> Path:
+    """Horizontal bars: each variant's gold win rate against the reference, with its 95% CI; 0.5 = a tie."""
+    rows = [r for r in rows if _finite(r.get("mean")) is not None]
+    fig, (ax,) = _new_figure(7.0, max(2.0, 0.45 * len(rows) + 1.2))
+    names = [str(r["policy"]) for r in rows]
+    means = [float(r["mean"]) for r in rows]
+    errs = [[max(0.0, m - (_finite(r.get("lo")) if _finite(r.get("lo")) is not None else m)) for m, r in zip(means, rows)],
+            [max(0.0, (_finite(r.get("hi")) if _finite(r.get("hi")) is not None else m) - m) for m, r in zip(means, rows)]]
+    y = list(range(len(rows)))[::-1]
+    ax.barh(y, means, xerr=errs, color=[f"C{i % 10}" for i in range(len(rows))], alpha=0.8, capsize=3)
+    ax.axvline(0.5, color="k", lw=1, ls="--")
+    ax.set_yticks(y)
+    ax.set_yticklabels(names, fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("gold win rate vs the reference (ties half), 95% CI")
+    ax.grid(True, axis="x", alpha=0.3)
     out = Path(path)
     fig.savefig(out, dpi=DPI, format="png")
     return out

@@ -1,22 +1,23 @@
-"""Writing and reading a run's result folder.
+"""Result folders: built in a staging sibling, renamed into place only when complete, marked as prefopt's.
 
-A result folder is the durable output of a comparison: everything needed to rebuild
-every report (``prefopt report <run_dir>``) without a model or a GPU. Layout::
+A run folder is the durable output of a command: everything needed to rebuild its reports (``prefopt report``)
+without a model, plus the trained artifacts (PEFT adapter folders) written by the pipeline. Layout::
 
-    config.json      resolved config (to_jsonable)
-    metrics.jsonl    training log rows, one JSON object per line
-    summary.json     {"schema_version": 1, "meta": ..., "policies": [...], "summary": [...]}
-    samples.jsonl    every (prompt, policy) sample, lossless (what load_run reads)
-    pairs.jsonl      the preference pairs the reward model and DPO trained on (when given)
-    comparison.md    wide policy x metric table, "mean [lo, hi]"
-    comparison.csv   numeric long form: policy, metric, mean, lo, hi, se, n
-    samples.md       side-by-side responses for the first prompts
-    samples.csv      every sample, for spreadsheets
-    reward_kl.png    gold reward vs KL to reference
+    prefopt-run.json   the marker: {"kind": "run" | "eval" | "sweep", "schema_version", "complete", ...}
+    config.json        resolved config (loads back with --config)
+    summary.json       {"schema_version", "meta", "policies", "eval_settings", "metric_versions", "summary", "path"}
+    metrics.jsonl      training log rows
+    samples.jsonl      every (prompt, policy) sample, lossless
+    comparison.md/.csv, head_to_head.md, samples.md/.csv, reward_kl.png    (derived, regenerable)
 
-Writes are atomic: the folder is built under ``<out_dir>.tmp-<pid>`` and renamed into
-place only once complete, so a crash (or a failing plot) never leaves a half-written
-folder that later looks like a valid result.
+Safety rules, each tested:
+
+- the output location is checked (created, written) before any compute: :meth:`RunFolder.create` makes the
+  staging folder ``<name>.tmp-<host>-<pid>`` next to the target, so a read-only or invalid ``--out`` fails at once;
+- ``overwrite`` replaces only a folder that carries prefopt's marker (of the same kind); a folder of other files
+  is never deleted;
+- a staging folder left by a killed process is never a run (its marker says ``complete: false``) and is removed
+  by the next write next to it when its process (same host) is gone.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import json
 import math
 import os
 import shutil
+import socket
 from collections.abc import Mapping, Sequence
 from os import PathLike
 from pathlib import Path, PurePath
@@ -35,27 +37,37 @@ from typing import Any
 
 import numpy as np
 
+from prefopt.errors import RunError
 from prefopt.reports import plots, tables
 
 __all__ = [
     "FILES",
+    "MARKER",
     "SCHEMA_VERSION",
+    "RunFolder",
+    "find_runs",
     "load_run",
+    "read_marker",
     "to_jsonable",
     "write_reports",
     "write_run",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+MARKER = "prefopt-run.json"
+KINDS = ("run", "eval", "sweep")
 
 FILES: dict[str, str] = {
+    "marker": MARKER,
     "config": "config.json",
     "metrics": "metrics.jsonl",
     "summary": "summary.json",
     "samples": "samples.jsonl",
     "pairs": "pairs.jsonl",
+    "eval_prompts": "eval_prompts.jsonl",
     "comparison_md": "comparison.md",
     "comparison_csv": "comparison.csv",
+    "head_to_head_md": "head_to_head.md",
     "samples_md": "samples.md",
     "samples_csv": "samples.csv",
     "reward_kl": "reward_kl.png",
@@ -105,18 +117,162 @@ def to_jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def _dump_json(obj: Any) -> str:
+def dump_json(obj: Any) -> str:
     return json.dumps(to_jsonable(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
-def _dump_jsonl(rows: Sequence[Mapping[str, Any]]) -> str:
-    return "".join(
-        json.dumps(to_jsonable(row), ensure_ascii=False, allow_nan=False) + "\n" for row in rows
-    )
+def dump_jsonl(rows: Sequence[Mapping[str, Any]]) -> str:
+    return "".join(json.dumps(to_jsonable(row), ensure_ascii=False, allow_nan=False) + "\n" for row in rows)
 
 
 # ---------------------------------------------------------------------------
-# Writing
+# The folder
+# ---------------------------------------------------------------------------
+
+
+def read_marker(folder: str | PathLike[str]) -> dict | None:
+    """The marker of a prefopt folder, or None when ``folder`` is not one (or the marker is unreadable)."""
+    path = Path(folder) / MARKER
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and doc.get("kind") in KINDS else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _host() -> str:
+    return socket.gethostname().replace("-", "_") or "host"
+
+
+def clean_stale(parent: Path, name: str | None = None) -> list[Path]:
+    """Remove staging / swap folders (``<name>.tmp-<host>-<pid>``, ``.old-``) whose process on this host is gone."""
+    removed = []
+    if not parent.is_dir():
+        return removed
+    pattern = f"{name}.*-*" if name else "*.*-*"
+    for p in parent.glob(pattern):
+        stem, dot, tail = p.name.rpartition(".")
+        kind, _, rest = tail.partition("-")
+        if not dot or kind not in ("tmp", "old") or not p.is_dir():
+            continue
+        host, _, pid = rest.rpartition("-")
+        if host != _host() or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+class RunFolder:
+    """A result folder under construction. Create it before any compute; write into :attr:`path`; :meth:`finish`
+    renames it into place (replacing an old prefopt folder of the same kind only when ``overwrite``)."""
+
+    def __init__(self, final: Path, staging: Path, kind: str, overwrite: bool):
+        self.final, self.path, self.kind, self.overwrite = final, staging, kind, overwrite
+
+    @classmethod
+    def create(cls, out: str | PathLike[str], *, kind: str = "run", overwrite: bool = False) -> "RunFolder":
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        final = Path(out)
+        check_target(final, kind=kind, overwrite=overwrite)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            clean_stale(final.parent, final.name)
+            staging = final.with_name(f"{final.name}.tmp-{_host()}-{os.getpid()}")
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir()
+            (staging / MARKER).write_text(dump_json(_marker(kind, complete=False)), encoding="utf-8")
+        except OSError as e:
+            raise RunError(f"{final}: cannot write the output folder ({e.strerror or e}): choose a writable --out") from None
+        return cls(final, staging, kind, overwrite)
+
+    def write_text(self, name: str, text: str) -> Path:
+        path = self.path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        return self.write_text(name, dump_json(obj))
+
+    def write_jsonl(self, name: str, rows: Sequence[Mapping[str, Any]]) -> Path:
+        return self.write_text(name, dump_jsonl(rows))
+
+    def finish(self, **marker: Any) -> Path:
+        """Mark complete and rename into place; on any failure the staging folder is removed."""
+        try:
+            (self.path / MARKER).write_text(dump_json(_marker(self.kind, complete=True, **marker)), encoding="utf-8")
+            check_target(self.final, kind=self.kind, overwrite=self.overwrite)  # nothing appeared meanwhile
+            _swap_into_place(self.path, self.final)
+        except BaseException:
+            self.abort()
+            raise
+        return self.final
+
+    def abort(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _marker(kind: str, *, complete: bool, **extra: Any) -> dict:
+    import prefopt
+
+    return {"kind": kind, "schema_version": SCHEMA_VERSION, "complete": complete, "prefopt": prefopt.__version__,
+            "host": socket.gethostname(), "pid": os.getpid(),
+            "created": _dt.datetime.now().isoformat(timespec="seconds"), **extra}
+
+
+def check_target(final: Path, *, kind: str, overwrite: bool) -> None:
+    """Refuse to write over anything but an empty folder or (with ``overwrite``) a prefopt folder of this kind."""
+    if not final.exists():
+        return
+    if not final.is_dir():
+        raise RunError(f"{final}: exists and is not a folder: choose another --out")
+    if not any(final.iterdir()):
+        return
+    marker = read_marker(final)
+    if marker is None:
+        raise RunError(f"{final}: exists and is not a prefopt {kind} folder (no {MARKER}); --overwrite only replaces "
+                       "prefopt's own folders: choose another --out")
+    if marker["kind"] != kind:
+        raise RunError(f"{final}: is a prefopt {marker['kind']} folder, not a {kind} folder: choose another --out")
+    if not overwrite:
+        raise RunError(f"{final}: a prefopt {kind} folder already exists there: pass --overwrite to replace it or "
+                       "choose another --out")
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` to ``out``, replacing an old ``out`` only now."""
+    if out.exists() and not any(out.iterdir()):
+        out.rmdir()
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.with_name(f"{out.name}.old-{_host()}-{os.getpid()}")
+    if old.exists():
+        shutil.rmtree(old)
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)  # put the previous result back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# Writing reports
 # ---------------------------------------------------------------------------
 
 
@@ -126,43 +282,41 @@ def write_reports(
     summary: Sequence[Mapping[str, Any]],
     samples: Sequence[Mapping[str, Any]],
     policies: Sequence[str],
+    path: Sequence[Mapping[str, Any]] = (),
     title: str | None = None,
     n_samples: int = 12,
 ) -> list[Path]:
-    """Write the derived, human-facing files (tables, CSVs, plot) into ``directory``.
-
-    Not atomic on its own; :func:`write_run` calls it inside its temp folder, and
-    ``prefopt report`` can call it to regenerate reports from :func:`load_run` output.
-    """
+    """Write the derived, human-facing files (tables, CSVs, plot) into ``directory``."""
     out = Path(directory)
     summary = to_jsonable(list(summary))
     samples = to_jsonable(list(samples))
     written = []
 
-    path = out / FILES["comparison_md"]
-    path.write_text(tables.comparison_markdown(summary, policies=policies), encoding="utf-8")
-    written.append(path)
+    main = [r for r in summary if not tables.is_head_to_head(r["metric"])]
+    p = out / FILES["comparison_md"]
+    p.write_text(tables.comparison_markdown(main, policies=policies), encoding="utf-8")
+    written.append(p)
 
-    path = out / FILES["comparison_csv"]
-    tables.summary_frame(summary).to_csv(path, index=False)
-    written.append(path)
+    p = out / FILES["comparison_csv"]
+    tables.summary_frame(summary).to_csv(p, index=False)
+    written.append(p)
 
-    path = out / FILES["samples_md"]
-    path.write_text(tables.samples_markdown(samples, policies, n=n_samples), encoding="utf-8")
-    written.append(path)
+    if any(tables.is_head_to_head(r["metric"]) for r in summary):
+        p = out / FILES["head_to_head_md"]
+        p.write_text(tables.head_to_head_markdown(summary, policies), encoding="utf-8")
+        written.append(p)
 
-    path = out / FILES["samples_csv"]
-    tables.samples_frame(samples).to_csv(path, index=False)
-    written.append(path)
+    if samples:
+        p = out / FILES["samples_md"]
+        p.write_text(tables.samples_markdown(samples, policies, n=n_samples), encoding="utf-8")
+        written.append(p)
+        p = out / FILES["samples_csv"]
+        tables.samples_frame(samples).to_csv(p, index=False)
+        written.append(p)
 
-    written.append(
-        plots.plot_reward_kl(summary, out / FILES["reward_kl"], title=title, policies=policies)
-    )
+    written.append(plots.plot_reward_kl(summary, out / FILES["reward_kl"], title=title, policies=policies,
+                                        path_rows=to_jsonable(list(path))))
     return written
-
-
-def _is_nonempty_dir(path: Path) -> bool:
-    return path.is_dir() and any(path.iterdir())
 
 
 def write_run(
@@ -176,69 +330,45 @@ def write_run(
     policies: Sequence[str],
     pairs: Sequence[Mapping[str, Any]] | None = None,
     overwrite: bool = False,
+    kind: str = "run",
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Atomically write a complete result folder and return its path.
-
-    ``config`` is a dict or a dataclass (the resolved config); it goes through
-    :func:`to_jsonable`. Everything is written to the sibling ``<out_dir>.tmp-<pid>`` and renamed to
-    ``out_dir`` at the end; on any error the temp folder is removed and the error
-    re-raised. An existing non-empty ``out_dir`` raises ``FileExistsError`` unless
-    ``overwrite`` is set, in which case the old folder is removed only after the new
-    one is complete (it is first moved aside, so a failed swap can be rolled back).
-    """
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory")
-    if _is_nonempty_dir(out) and not overwrite:
-        raise FileExistsError(f"{out} already exists and is not empty (use overwrite to replace it)")
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():  # left by a crashed earlier process that had our pid
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    """Write a complete result folder in one go (atomic): what ``prefopt eval`` and tests use."""
+    folder = RunFolder.create(out_dir, kind=kind, overwrite=overwrite)
     try:
-        (tmp / FILES["config"]).write_text(_dump_json(config), encoding="utf-8")
-        (tmp / FILES["metrics"]).write_text(_dump_jsonl(metrics), encoding="utf-8")
-        (tmp / FILES["samples"]).write_text(_dump_jsonl(samples), encoding="utf-8")
-        if pairs is not None:
-            (tmp / FILES["pairs"]).write_text(_dump_jsonl(pairs), encoding="utf-8")
-        summary_doc = {
-            "schema_version": SCHEMA_VERSION,
-            "meta": meta,
-            "policies": list(policies),
-            "summary": list(summary),
-        }
-        (tmp / FILES["summary"]).write_text(_dump_json(summary_doc), encoding="utf-8")
-        write_reports(
-            tmp,
-            summary=summary,
-            samples=samples,
-            policies=policies,
-            title=f"Gold reward vs KL to reference: {out.name}",
-        )
-        _swap_into_place(tmp, out)
+        fill_run(folder, config=config, metrics=metrics, summary=summary, samples=samples, meta=meta,
+                 policies=policies, pairs=pairs, extra=extra)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        folder.abort()
         raise
-    return out
+    return folder.finish(evaluated=bool(summary))
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished ``tmp`` to ``out``, replacing an old ``out`` only now."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.with_name(f"{out.name}.old-{os.getpid()}")
-    if old.exists():
-        shutil.rmtree(old)
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old, out)  # put the previous result back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+def fill_run(
+    folder: RunFolder,
+    *,
+    config: Any,
+    metrics: Sequence[Mapping[str, Any]],
+    summary: Sequence[Mapping[str, Any]],
+    samples: Sequence[Mapping[str, Any]],
+    meta: Mapping[str, Any],
+    policies: Sequence[str],
+    pairs: Sequence[Mapping[str, Any]] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    path: Sequence[Mapping[str, Any]] = (),
+) -> None:
+    """Write the result files of a run into a :class:`RunFolder` under construction."""
+    folder.write_json(FILES["config"], config)
+    folder.write_jsonl(FILES["metrics"], metrics)
+    folder.write_jsonl(FILES["samples"], samples)
+    if pairs is not None:
+        folder.write_jsonl(FILES["pairs"], pairs)
+    doc = {"schema_version": SCHEMA_VERSION, "meta": meta, "policies": list(policies), **(extra or {}),
+           "summary": list(summary), "path": list(path)}
+    folder.write_json(FILES["summary"], doc)
+    if summary:
+        write_reports(folder.path, summary=summary, samples=samples, policies=policies, path=path,
+                      title=f"Gold reward vs KL to reference: {folder.final.name}")
 
 
 # ---------------------------------------------------------------------------
@@ -248,71 +378,96 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 
 def _read_json(path: Path) -> Any:
     if not path.is_file():
-        raise ValueError(f"{path}: missing")
+        raise RunError(f"{path}: missing")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+        raise RunError(f"{path}: not valid JSON ({' '.join(str(exc).split())})") from None
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def _read_jsonl(path: Path, *, required: bool = True) -> list[dict[str, Any]]:
     if not path.is_file():
-        raise ValueError(f"{path}: missing")
+        if required:
+            raise RunError(f"{path}: missing")
+        return []
     rows = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not valid UTF-8 ({exc})") from exc
+        raise RunError(f"{path}: not valid UTF-8 ({exc.reason})") from None
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({exc})") from exc
+            raise RunError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
         if not isinstance(row, dict):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            raise RunError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
         rows.append(row)
     return rows
 
 
-def load_run(run_dir: str | PathLike[str]) -> dict[str, Any]:
-    """Read a result folder back: keys ``config``, ``metrics``, ``summary``, ``samples``,
-    ``meta`` and ``policies``.
-
-    Only the machine-readable files are read (the Markdown/CSV/PNG are derived and can
-    be regenerated with :func:`write_reports`). A missing or corrupt file raises
-    ``ValueError`` naming that file, so ``prefopt report`` can print one clear line.
-    """
+def load_run(run_dir: str | PathLike[str], *, samples: bool = True) -> dict[str, Any]:
+    """Read a complete result folder back: ``config``, ``metrics``, ``summary``, ``samples``, ``meta``,
+    ``policies``, ``path`` and the rest of summary.json. Every problem is a one-line :class:`RunError`."""
     root = Path(run_dir)
     if not root.is_dir():
-        raise ValueError(f"{root}: not a run directory")
-    config = _read_json(root / FILES["config"])
-    doc = _read_json(root / FILES["summary"])
+        raise RunError(f"{root}: not a folder")
+    marker = read_marker(root)
+    if marker is None:
+        raise RunError(f"{root}: not a prefopt result folder (no {MARKER})")
+    if not marker.get("complete"):
+        raise RunError(f"{root}: incomplete (its process was stopped before it finished): it is not a result")
     summary_path = root / FILES["summary"]
+    doc = _read_json(summary_path)
     if not isinstance(doc, dict):
-        raise ValueError(f"{summary_path}: expected a JSON object")
+        raise RunError(f"{summary_path}: expected a JSON object")
     if doc.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(
-            f"{summary_path}: unsupported schema_version {doc.get('schema_version')!r} "
-            f"(expected {SCHEMA_VERSION})"
-        )
+        raise RunError(f"{summary_path}: unsupported schema_version {doc.get('schema_version')!r} "
+                       f"(this prefopt reads {SCHEMA_VERSION}): re-run it or use the prefopt that wrote it")
     summary = doc.get("summary")
     if not isinstance(summary, list) or not all(isinstance(r, dict) for r in summary):
-        raise ValueError(f"{summary_path}: 'summary' must be a list of objects")
-    meta = doc.get("meta")
-    if not isinstance(meta, dict):
-        raise ValueError(f"{summary_path}: 'meta' must be an object")
+        raise RunError(f"{summary_path}: 'summary' must be a list of objects")
+    if not isinstance(doc.get("meta"), dict):
+        raise RunError(f"{summary_path}: 'meta' must be an object")
     policies = doc.get("policies")
     if policies is None:
         policies = list(dict.fromkeys(str(r.get("policy")) for r in summary))
     elif not isinstance(policies, list):
-        raise ValueError(f"{summary_path}: 'policies' must be a list")
-    return {
-        "config": config,
-        "metrics": _read_jsonl(root / FILES["metrics"]),
+        raise RunError(f"{summary_path}: 'policies' must be a list")
+    out = dict(doc)
+    out.update({
+        "dir": root,
+        "marker": marker,
+        "config": _read_json(root / FILES["config"]),
+        "metrics": _read_jsonl(root / FILES["metrics"], required=False),
         "summary": summary,
-        "samples": _read_jsonl(root / FILES["samples"]),
-        "meta": meta,
+        "samples": _read_jsonl(root / FILES["samples"], required=False) if samples else [],
         "policies": policies,
-    }
+        "path": doc.get("path") or [],
+    })
+    return out
+
+
+def find_runs(root: str | PathLike[str], kinds: Sequence[str] = ("run", "eval")) -> tuple[list[Path], list[Path]]:
+    """Complete result folders of ``kinds`` at or under ``root`` (sorted), and the incomplete ones skipped."""
+    root = Path(root)
+    found: list[Path] = []
+    skipped: list[Path] = []
+
+    def visit(p: Path) -> None:
+        marker = read_marker(p)
+        if marker is not None:
+            if not marker.get("complete"):
+                skipped.append(p)
+                return
+            if marker["kind"] in kinds:
+                found.append(p)
+                return
+        for child in sorted(c for c in p.iterdir() if c.is_dir()):
+            visit(child)
+
+    if root.is_dir():
+        visit(root)
+    return found, skipped

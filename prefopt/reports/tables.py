@@ -18,18 +18,24 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pandas as pd
+from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from prefopt.eval.metrics import METRICS
+from prefopt.eval.metrics import metric_spec
+
+HEAD_TO_HEAD = "eval/win_rate_vs_"
 
 __all__ = [
     "MISSING",
     "SUMMARY_COLUMNS",
     "comparison_frame",
     "comparison_markdown",
+    "console_cell",
     "console_table",
     "format_estimate",
+    "head_to_head_markdown",
+    "is_head_to_head",
     "markdown_table",
     "samples_frame",
     "samples_markdown",
@@ -68,8 +74,21 @@ def _is_number(value: Any) -> bool:
 
 
 def _fmt(metric: str) -> str:
-    spec = METRICS.get(metric)
+    spec = metric_spec(metric)
     return spec.fmt if spec is not None else "{:.3f}"
+
+
+def is_head_to_head(metric: str) -> bool:
+    """``eval/win_rate_vs_<policy>`` (but not ``..._vs_ref``, which is in the main table)."""
+    return metric.startswith(HEAD_TO_HEAD) and metric != "eval/win_rate_vs_ref"
+
+
+def fmt_number(fmt: str, value: float) -> str:
+    """``fmt.format(value)`` without a minus sign on a number that rounds to zero ("-0.000" -> "0.000")."""
+    text = fmt.format(float(value))
+    if text.startswith("-") and float(text) == 0:
+        text = text[1:]
+    return text
 
 
 def format_estimate(metric: str, mean: Any, lo: Any = None, hi: Any = None) -> str:
@@ -77,9 +96,9 @@ def format_estimate(metric: str, mean: Any, lo: Any = None, hi: Any = None) -> s
     if mean is None:
         return MISSING
     fmt = _fmt(metric)
-    text = fmt.format(float(mean))
+    text = fmt_number(fmt, mean)
     if _is_number(lo) and _is_number(hi):
-        text += f" [{fmt.format(float(lo))}, {fmt.format(float(hi))}]"
+        text += f" [{fmt_number(fmt, lo)}, {fmt_number(fmt, hi)}]"
     return text
 
 
@@ -204,7 +223,7 @@ def comparison_markdown(
     """The comparison table as GitHub Markdown; headers carry ↑/↓ for goal metrics."""
     frame = comparison_frame(summary, metrics, policies=policies)
     header = [
-        col + (_ARROWS[METRICS[col].higher_is_better] if col in METRICS else "")
+        col + (_ARROWS[metric_spec(col).higher_is_better] if metric_spec(col) is not None else "")
         for col in frame.columns
     ]
     body = [
@@ -214,62 +233,111 @@ def comparison_markdown(
     return markdown_table(header, body)
 
 
+CONSOLE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("eval/gold_reward", "gold ↑"),
+    ("eval/win_rate_vs_ref", "win/ref ↑"),
+    ("eval/kl_to_ref", "KL"),
+    ("eval/proxy_reward", "proxy ↑"),
+    ("eval/gold_proxy_gap", "gap"),
+    ("eval/length", "len"),
+)
+"""What the console shows (every metric is in the files): short headers, so a table of a few policies fits
+an 80-column terminal or log without cutting a header or a number."""
+
+
+def half_width(row: Mapping[str, Any]) -> float | None:
+    """The half-width of a row's interval (the larger side, for asymmetric ones), or None without one."""
+    if not (_is_number(row.get("lo")) and _is_number(row.get("hi")) and _is_number(row.get("mean"))):
+        return None
+    return max(float(row["hi"]) - float(row["mean"]), float(row["mean"]) - float(row["lo"]))
+
+
+def console_cell(metric: str, row: Mapping[str, Any] | None) -> str:
+    """``mean`` over ``±half-width`` on a second line (plain text)."""
+    if row is None or not _is_number(row.get("mean")):
+        return MISSING
+    fmt = _fmt(metric)
+    text = fmt_number(fmt, row["mean"])
+    hw = half_width(row)
+    if hw is not None and fmt_number(fmt, hw) != fmt_number(fmt, 0.0):
+        text += "\n±" + fmt_number(fmt, hw)
+    return text
+
+
 def console_table(
     summary: Sequence[Mapping[str, Any]],
     metrics: Sequence[str] | None = None,
     *,
     policies: Sequence[str] | None = None,
-    title: str | None = "Policy comparison",
+    title: str | None = "Policy comparison (mean, ±95% CI)",
 ) -> Table:
-    """A rich table for the final console print.
+    """A rich table for the console: one row per policy, each cell the mean over ``±`` its CI half-width.
 
-    The best policy on each goal metric (``higher_is_better`` not None) is bolded; ties
-    and diagnostics (KL, length) are left plain on purpose.
+    Columns fold rather than truncate, so nothing is ever shown as ``…``. The best policy on each goal metric
+    (``higher_is_better`` not None) is bolded; ties and diagnostics (KL, length) are left plain on purpose.
     """
-    frame = comparison_frame(summary, metrics, policies=policies)
     rows = _validated_summary(summary)
-    means = {(r["policy"], r["metric"]): r["mean"] for r in rows if _is_number(r["mean"])}
+    present = {r["metric"] for r in rows}
+    columns = [(m, h) for m, h in CONSOLE_COLUMNS if m in present] if metrics is None else [
+        (m, m.removeprefix("eval/")) for m in metrics]
+    policy_names = _ordered([r["policy"] for r in rows], policies)
+    by_key = {(r["policy"], r["metric"]): r for r in rows}
 
     best: dict[str, str] = {}
-    for metric in frame.columns[1:-1]:
-        spec = METRICS.get(metric)
+    for metric, _ in columns:
+        spec = metric_spec(metric)
         if spec is None or spec.higher_is_better is None:
             continue
-        scored = [(means[(p, metric)], p) for p in frame["policy"] if (p, metric) in means]
+        scored = [(float(by_key[(p, metric)]["mean"]), p) for p in policy_names
+                  if (p, metric) in by_key and _is_number(by_key[(p, metric)]["mean"])]
         if len(scored) < 2:
             continue
-        pick = max if spec.higher_is_better else min
-        top = pick(value for value, _ in scored)
-        winners = [p for value, p in scored if value == top]
+        top = (max if spec.higher_is_better else min)(v for v, _ in scored)
+        winners = [p for v, p in scored if v == top]
         if len(winners) == 1:
             best[metric] = winners[0]
 
-    table = Table(title=title)
-    table.add_column("policy", style="bold")
-    for metric in frame.columns[1:-1]:
-        arrow = _ARROWS[METRICS[metric].higher_is_better] if metric in METRICS else ""
-        # Drop the namespace and put the CI on its own line: seven "mean [lo, hi]"
-        # columns do not fit a terminal otherwise.
-        table.add_column(metric.removeprefix("eval/") + arrow, justify="right")
-    table.add_column("n", justify="right")
-    by_key = {(r["policy"], r["metric"]): r for r in rows}
-    for policy, n in zip(frame["policy"], frame["n"]):
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    table.add_column("policy", style="bold", overflow="fold")
+    for _, header in columns:
+        table.add_column(header, justify="right", overflow="fold")
+    table.add_column("n", justify="right", overflow="fold")
+    for policy in policy_names:
         cells = [escape(str(policy))]
-        for metric in frame.columns[1:-1]:
+        ns = []
+        for metric, _ in columns:
             row = by_key.get((policy, metric))
-            if row is None or row["mean"] is None:
-                cells.append(MISSING)
-                continue
-            text = format_estimate(metric, row["mean"])
+            text = escape(console_cell(metric, row))
+            if row is not None and row.get("n") is not None:
+                ns.append(int(row["n"]))
             if best.get(metric) == policy:
-                text = f"[bold green]{text}[/]"
-            if _is_number(row["lo"]) and _is_number(row["hi"]):
-                lo, hi = (_fmt(metric).format(float(row[k])) for k in ("lo", "hi"))
-                text += f"\n[dim]\\[{lo}, {hi}][/]"
+                first, _, rest = text.partition("\n")
+                text = f"[bold green]{first}[/]" + (f"\n[dim]{rest}[/]" if rest else "")
+            elif "\n" in text:
+                first, _, rest = text.partition("\n")
+                text = f"{first}\n[dim]{rest}[/]"
             cells.append(text)
-        cells.append("" if pd.isna(n) else str(n))
+        cells.append(str(max(ns)) if ns else "")
         table.add_row(*cells)
     return table
+
+
+def head_to_head_markdown(summary: Sequence[Mapping[str, Any]], policies: Sequence[str]) -> str:
+    """Row policy's gold win rate against each column policy (paired by prompt, ties half), with 95% CI."""
+    rows = _validated_summary(summary)
+    by_key = {(r["policy"], r["metric"]): r for r in rows}
+    names = [p for p in _ordered([r["policy"] for r in rows], policies)]
+    opponents = [p for p in names if any((q, HEAD_TO_HEAD + p) in by_key for q in names)]
+    header = ["win rate of ↓ vs →", *opponents]
+    body = []
+    for p in names:
+        cells: list[Any] = [p]
+        for q in opponents:
+            row = by_key.get((p, HEAD_TO_HEAD + q))
+            cells.append(MISSING if p == q or row is None else
+                         format_estimate("eval/win_rate_vs_ref", row["mean"], row["lo"], row["hi"]))
+        body.append(cells)
+    return markdown_table(header, body)
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,386 @@
+"""The comparison, end to end: data -> one base with LoRA roles -> reward model -> every policy -> eval -> report.
+
+``run(load_config())`` is what ``prefopt bench`` runs (``prefopt train`` is the same without the final
+evaluation). Every stage uses the same base, the same LoRA config and the same seeded split: the reward model and
+offline methods train on the same pairs, online methods draw their prompts from the same training prompts, and the
+evaluation prompts are held out from all of them. Every trained policy is saved as a PEFT adapter folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from prefopt import config as C
+from prefopt.backends import BACKENDS
+from prefopt.backends import rm as rm_backend
+from prefopt.backends._common import TrainData
+from prefopt.data.io import load_pairs, load_prompts, write_pairs, write_prompts
+from prefopt.data.judges import Judge, load_judge
+from prefopt.data.records import PreferencePair, PromptRecord, prompt_key
+from prefopt.data.split import holdout_pairs, prompts_from_pairs, split_prompts
+from prefopt.data.synthetic import simulate_preferences
+from prefopt.data.tasks import sentiment_prompts
+from prefopt.errors import PrefoptError
+from prefopt.eval.harness import REFERENCE, evaluate, evaluate_point
+from prefopt.eval.metrics import metric_versions
+from prefopt.models.base import load_base, pick_device, resolve_model
+from prefopt.models.ops import decode_responses, encode_prompts, ends_with_eos, render_prompt, sample
+from prefopt.models.rewards import SequenceClassifierReward, text_score_fn
+from prefopt.models.shared import SharedBase
+from prefopt.pipeline.config import EMBEDDED_PROMPTS, BenchConfig, Policy
+from prefopt.pipeline.stages import StageCache, pairs_spec, rm_spec
+from prefopt.reports.run import FILES, RunFolder, fill_run
+
+POLICY_INFO = "policy.json"
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    summary: list[dict]
+    timings: dict[str, float]
+    cache_hits: list[str]
+
+
+class Stages:
+    """Rich progress for every long stage, stage timings, and the metrics log (one row per step)."""
+
+    def __init__(self, console=None):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = console or Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"), console=self.console, transient=True,
+            disable=not self.console.is_terminal,
+        )
+        self.timings: dict[str, float] = {}
+        self.metrics: list[dict] = []
+
+    @contextmanager
+    def stage(self, name: str, total: int | None = None, unit_metrics: tuple[str, ...] = ()):
+        task = self.progress.add_task(name, total=total, info="")
+        t0 = time.perf_counter()
+        done = 0
+
+        def advance(n: int = 1, metrics: dict | None = None):
+            nonlocal done
+            done += n
+            info = ""
+            if metrics:
+                info = "  ".join(f"{k.split('/')[-1]}={metrics[k]:.3f}" for k in unit_metrics if k in metrics)
+                if not self.console.is_terminal:  # no live bar in logs/CI: one line per training step instead
+                    self.console.log(f"{name} {done}/{total}  {info}", highlight=False)
+            self.progress.update(task, advance=n, info=info)
+
+        with self.progress:
+            yield advance
+        self.progress.remove_task(task)
+        self.timings[name] = round(time.perf_counter() - t0, 1)
+        self.console.log(f"{name}: {self.timings[name]:.1f}s")
+
+    def note(self, name: str, seconds: float, text: str) -> None:
+        self.timings[name] = round(seconds, 1)
+        self.console.log(f"{name}: {text}")
+
+    def logger(self, stage: str, advance, extra=None):
+        def on_step(step: int, metrics: dict) -> None:
+            self.metrics.append({"stage": stage, "step": step, **metrics})
+            advance(1, metrics)
+            if extra is not None:
+                extra(step, metrics)
+
+        return on_step
+
+
+def versions() -> dict:
+    import peft
+    import transformers
+    import trl
+
+    import prefopt
+
+    git = None
+    try:
+        git = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {
+        "prefopt": prefopt.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+        "peft": peft.__version__, "trl": trl.__version__, "python": platform.python_version(), "git": git,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ step 0: inputs
+@dataclass
+class Inputs:
+    """Everything read and validated before the first compute."""
+
+    prompts: list[PromptRecord]
+    given_pairs: list[PreferencePair] | None
+    judge: Judge
+    train: list[PromptRecord]
+    eval: list[PromptRecord]
+    held_out: int
+    policies: dict[str, Policy]
+    text_rewards: dict[str, object]  # 'hf:..' / 'py:..' reward sources, loaded once
+
+
+def load_inputs(cfg: BenchConfig) -> Inputs:
+    """Read and validate every input before any compute (bad input fails fast, nothing written)."""
+    d = cfg.data
+    resolve_model(cfg.model)  # a missing local model file fails here, not after minutes of work
+    pairs = load_pairs(d.pairs, encoding_errors=d.encoding_errors) if d.pairs else None
+    if d.prompts == EMBEDDED_PROMPTS:
+        prompts = prompts_from_pairs(pairs) if pairs is not None else sentiment_prompts()
+    else:
+        prompts = load_prompts(d.prompts, field=d.prompt_field, prefix_words=d.prefix_words, seed=d.split_seed,
+                               encoding_errors=d.encoding_errors)
+    judge = load_judge(cfg.judge)
+    split = split_prompts(prompts, n_eval=d.n_eval, n_train=d.n_train, seed=d.split_seed)
+    held_out = 0
+    if pairs is not None:
+        pairs, held_out = holdout_pairs(pairs, split.eval)
+    policies = cfg.resolved_policies()
+    text_rewards: dict[str, object] = {}
+    for pol in policies.values():
+        spec = getattr(pol.config, "reward", None)
+        if spec is None or spec in ("rm", "gold") or spec in text_rewards:
+            continue
+        if spec.startswith("hf:"):
+            text_rewards[spec] = SequenceClassifierReward.load(spec[3:])
+        else:
+            text_rewards[spec] = load_judge(spec)  # py:module:function
+    return Inputs(prompts, pairs, judge, split.train, split.eval, held_out, policies, text_rewards)
+
+
+# ------------------------------------------------------------------------------------------------ stages
+def synthesize_pairs(shared: SharedBase, judge, prompts: list[PromptRecord], cfg: BenchConfig, advance) -> list[PreferencePair]:
+    """AlpacaFarm-style: k reference samples per prompt, gold-scored, labelled by the simulated annotator."""
+    d, tok = cfg.data, shared.tokenizer
+    ids = encode_prompts([p.prompt for p in prompts], tok, d.max_prompt_tokens)
+    flat = [p for p in ids for _ in range(d.k)]  # prompt i's k samples are rows i*k .. i*k+k-1
+    with shared.reference() as lm:
+        responses = sample(lm, tok, flat, max_new_tokens=d.max_new_tokens, temperature=d.temperature,
+                           seed=cfg.seed, batch_size=d.gen_batch_size, on_batch=advance)
+    texts = decode_responses(responses, tok)
+    rendered = [render_prompt(p.prompt, tok) for p in prompts for _ in range(d.k)]
+    scores = judge.score(rendered, texts)
+    ended = ends_with_eos(responses, tok.eos_token_id)
+    eos = {}
+    grouped_texts, grouped_scores = [], []
+    for i in range(len(prompts)):
+        rows = range(i * d.k, (i + 1) * d.k)
+        grouped_texts.append([texts[j] for j in rows])
+        grouped_scores.append([float(scores[j]) for j in rows])
+        for j in rows:
+            eos[(i, texts[j])] = ended[j]
+    pairs = simulate_preferences(
+        [p.prompt for p in prompts], grouped_texts, grouped_scores,
+        annotator=d.annotator, pairs_per_prompt=d.pairs_per_prompt, seed=cfg.seed,
+    )
+    # remember which responses were cut at the length cap, so training does not append an EOS they never had
+    index = {prompt_key(p.prompt): i for i, p in enumerate(prompts)}
+    for pair in pairs:
+        i = index[prompt_key(pair.prompt)]
+        pair.meta["chosen_eos"] = eos[(i, pair.chosen)]
+        pair.meta["rejected_eos"] = eos[(i, pair.rejected)]
+    return pairs
+
+
+def reward_fn(spec: str, rm, judge: Judge, tokenizer, text_rewards: dict):
+    """The score function a policy's ``reward`` names (dispatch on the name happens here, once)."""
+    if spec == "rm":
+        return rm.score_ids  # fast path: same base, same tokenizer, token ids
+    if spec == "gold":
+        return text_score_fn(judge.score, tokenizer, name=judge.name)
+    return text_score_fn(text_rewards[spec].score, tokenizer, name=spec)
+
+
+def checkpoint_steps(total: int, points: int) -> set[int]:
+    """``points`` evenly spaced steps strictly inside 1..total (the final step is the full evaluation)."""
+    return {s for s in (round(total * i / (points + 1)) for i in range(1, points + 1)) if 0 < s < total}
+
+
+_BASES: dict[tuple, tuple] = {}
+
+
+def base_model(spec: str, device: torch.device):
+    """The base (model, tokenizer), loaded once per process and copied per run (a sweep loads it once)."""
+    key = (spec, str(device))
+    if key not in _BASES:
+        _BASES.clear()  # keep one pristine base in memory, not one per model ever used
+        _BASES[key] = load_base(spec, device=device)
+    lm, tok = _BASES[key]
+    return copy.deepcopy(lm), tok
+
+
+def prompts_digest(prompts: list[PromptRecord]) -> str:
+    return hashlib.sha256("\n".join(prompt_key(p.prompt) for p in prompts).encode()).hexdigest()[:16]
+
+
+def eval_settings(cfg: BenchConfig, eval_prompts: list[PromptRecord]) -> dict:
+    """What two evaluations must share to be pooled (the report refuses otherwise)."""
+    return {"model": cfg.model, "judge": cfg.judge, "eval": cfg.eval.settings(),
+            "eval_prompts": prompts_digest(eval_prompts), "n_eval": len(eval_prompts)}
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def run(
+    cfg: BenchConfig,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    evaluate_policies: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    console=None,
+    overwrite: bool = False,
+    extra_meta: dict | None = None,
+) -> RunResult:
+    cfg = copy.deepcopy(cfg)
+    stages = Stages(console)
+    out = Path(out_dir) if out_dir else Path("runs") / datetime.now().strftime("bench-%Y%m%d-%H%M%S")
+    t_start = time.perf_counter()
+
+    # 0. inputs: read and validate everything first; claim the output folder (is it writable?) before compute
+    inputs = load_inputs(cfg)
+    folder = RunFolder.create(out, kind="run", overwrite=overwrite)
+    try:
+        return _run(cfg, inputs, folder, stages, evaluate_policies, StageCache(cache_dir), t_start, extra_meta or {})
+    except BaseException:
+        folder.abort()
+        raise
+
+
+def _run(cfg: BenchConfig, inputs: Inputs, folder: RunFolder, stages: Stages, evaluate_policies: bool,
+         cache: StageCache, t_start: float, extra_meta: dict) -> RunResult:
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    hits: list[str] = []
+
+    # 1. one base, one LoRA config, a role per learner
+    device = pick_device(cfg.device)
+    with stages.stage("load base"):
+        lm, tok = base_model(cfg.model, device)
+    shared = SharedBase(lm, tok, cfg.lora)
+
+    # 2. preference pairs (synthetic unless given; cached by what they depend on)
+    if inputs.given_pairs is not None:
+        train_pairs = inputs.given_pairs
+        pairs_key = hashlib.sha256(json.dumps([p.__dict__ for p in train_pairs], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    else:
+        with cache.claim("pairs", pairs_spec(cfg)) as claim:
+            pairs_key = claim.key
+            if claim.hit is not None:
+                t0 = time.perf_counter()
+                train_pairs = load_pairs(claim.hit / FILES["pairs"])
+                stages.note("synthetic pairs", time.perf_counter() - t0, f"{len(train_pairs)} pairs from the cache")
+                hits.append("pairs")
+            else:
+                with stages.stage("synthetic pairs", total=len(inputs.train) * cfg.data.k) as adv:
+                    train_pairs = synthesize_pairs(shared, inputs.judge, inputs.train, cfg, adv)
+                claim.store(lambda d: write_pairs(d / FILES["pairs"], train_pairs))
+    if not train_pairs:
+        raise PrefoptError("no preference pairs to train on (every prompt's samples were identical?): raise data.k "
+                           "or data.temperature")
+    write_pairs(folder.path / FILES["pairs"], train_pairs)
+    write_prompts(folder.path / FILES["eval_prompts"], inputs.eval)
+
+    # 3. the reward model: trained once when a policy needs it (or rm.when='always'), cached
+    rm = None
+    if cfg.rm.when == "always" or any(p.config.needs_reward_model() for p in inputs.policies.values()):
+        rm_cfg = copy.deepcopy(cfg.rm)
+        rm_cfg.seed = cfg.seed if rm_cfg.seed is None else rm_cfg.seed
+        with cache.claim("rm", rm_spec(cfg, pairs_key)) as claim:
+            if claim.hit is not None:
+                t0 = time.perf_counter()
+                rm = rm_backend.RewardModel.load(shared, claim.hit)
+                stages.note("reward model", time.perf_counter() - t0, "from the cache")
+                hits.append("rm")
+            else:
+                steps = rm_backend.total_steps(rm_cfg, train_pairs)
+                with stages.stage("reward model", total=steps, unit_metrics=("train/loss", "train/reward_accuracy")) as adv:
+                    rm = rm_backend.train(shared, train_pairs, rm_cfg, on_step=stages.logger("rm", adv))
+                claim.store(lambda d: rm.save(d))
+        rm.save(folder.path / "rm")
+
+    # 4. every policy on the same base, data and reward sources; evaluations along the way draw its path
+    path_rows: list[dict] = []
+    path_prompts = inputs.eval[: cfg.eval.path_prompts]
+    proxy = rm.score_ids if rm is not None else None
+    ref_path = None
+    if cfg.eval.path_points and evaluate_policies:
+        ref_path = _path_point(shared, None, path_prompts, inputs.judge, cfg, proxy, None, path_rows, REFERENCE, 0, 0.0)
+    policy_info = {}
+    for name, pol in inputs.policies.items():
+        spec = getattr(pol.config, "reward", None)
+        data = TrainData(pairs=train_pairs, prompts=inputs.train, reward_model=rm,
+                         score_fn=reward_fn(spec, rm, inputs.judge, tok, inputs.text_rewards) if spec else None)
+        total = pol.module.total_steps(pol.config, data)
+        marks = checkpoint_steps(total, cfg.eval.path_points) if ref_path is not None else set()
+
+        def at_checkpoint(step: int, metrics: dict, name=name, role=pol.role, total=total, marks=marks) -> None:
+            if step in marks:
+                with torch.random.fork_rng(devices=[]):  # evaluation never moves the training's random stream
+                    _path_point(shared, role, path_prompts, inputs.judge, cfg, proxy, ref_path, path_rows, name,
+                                step, step / total)
+
+        unit = ("train/score", "train/kl") if spec else ("train/loss", "train/reward_accuracy")
+        with stages.stage(name, total=total, unit_metrics=unit) as adv:
+            pol.module.train(shared, pol.config, data, role=pol.role, on_step=stages.logger(name, adv, at_checkpoint))
+        shared.save_role(pol.role, folder.path / "policies" / name)
+        policy_info[name] = {"backend": pol.backend, "config": C.to_dict(pol.config)}
+        folder.write_json(f"policies/{name}/{POLICY_INFO}", {"policy": name, **policy_info[name], "model": cfg.model,
+                                                             "lora": asdict(cfg.lora)})
+
+    # 5. evaluation on held-out prompts, identical decoding for every policy
+    summary: list[dict] = []
+    samples: list[dict] = []
+    n_pairs_eval = 0
+    if evaluate_policies:
+        policies = {REFERENCE: None, **{name: pol.role for name, pol in inputs.policies.items()}}
+        with stages.stage("eval", total=len(inputs.eval) * len(policies)) as adv:
+            result = evaluate(shared, policies, inputs.eval, inputs.judge, cfg.eval,
+                              proxies={n: proxy for n in policies} if proxy else None,
+                              on_progress=lambda name, k: adv(k))
+        summary, samples, n_pairs_eval = result.summary, result.samples, result.n_held_out_pairs
+
+    # 6. report (atomic: the folder appears only now, complete)
+    timings = dict(stages.timings, total=round(time.perf_counter() - t_start, 1))
+    meta = {
+        "versions": versions(), "seed": cfg.seed, "device": str(shared.device), "threads": torch.get_num_threads(),
+        "timings_s": timings, "cache_hits": hits, "n_train_prompts": len(inputs.train),
+        "n_eval_prompts": len(inputs.eval), "n_pairs": len(train_pairs), "n_pairs_held_out": inputs.held_out,
+        "n_held_out_eval_pairs": n_pairs_eval, "rm_score_offset": rm.offset if rm is not None else None,
+        "created": datetime.now().isoformat(timespec="seconds"), **extra_meta,
+    }
+    extra = {"eval_settings": eval_settings(cfg, inputs.eval), "metric_versions": metric_versions(),
+             "policy_info": policy_info, "backends": list(BACKENDS)}
+    fill_run(folder, config=C.to_dict(cfg), metrics=stages.metrics, summary=summary, samples=samples, meta=meta,
+             policies=[REFERENCE, *inputs.policies] if summary else list(inputs.policies), extra=extra,
+             path=path_rows)
+    path = folder.finish(evaluated=bool(summary))
+    return RunResult(path, summary, timings, hits)
+
+
+def _path_point(shared, role, prompts, judge, cfg: BenchConfig, proxy, ref, rows: list, name: str, step: int,
+                progress: float):
+    """Evaluate ``role`` on the path prompts and append its rows (gold, KL, proxy, win rate vs the reference)."""
+    d, estimates = evaluate_point(shared, role, prompts, judge, cfg.eval, proxy=proxy, ref=ref)
+    for metric, est in estimates.items():
+        rows.append({"step": step, "progress": round(progress, 4), **est.summary_row(name, metric)})
+    return d

@@ -1,0 +1,109 @@
+"""``prefopt eval RUN...``: evaluate saved runs' policies and the reference together, on the same held-out
+prompts with identical decoding, into one result folder (every ``eval/*`` metric and every head-to-head win rate).
+
+Policies are loaded from their PEFT adapter folders onto one copy of the base; each policy's proxy reward is the
+reward model of its own run (when that run trained one).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from prefopt import config as C
+from prefopt.backends import BACKENDS
+from prefopt.backends import rm as rm_backend
+from prefopt.data.io import load_prompts
+from prefopt.data.judges import load_judge
+from prefopt.errors import RunError
+from prefopt.eval.harness import REFERENCE, evaluate
+from prefopt.eval.metrics import metric_versions
+from prefopt.models.base import pick_device
+from prefopt.models.shared import LoraSettings, SharedBase
+from prefopt.pipeline.bench import POLICY_INFO, RunResult, Stages, base_model, eval_settings, versions
+from prefopt.pipeline.config import BenchConfig
+from prefopt.reports.run import FILES, read_marker, write_run
+
+
+def _saved_run(path: Path) -> dict:
+    marker = read_marker(path)
+    if marker is None or marker.get("kind") != "run":
+        raise RunError(f"{path}: not a prefopt run folder (written by `prefopt bench` or `prefopt train`)")
+    if not marker.get("complete"):
+        raise RunError(f"{path}: incomplete run (stopped before it finished): run it again")
+    config = C.load_file(path / FILES["config"])
+    policies = sorted(p.parent.name for p in (path / "policies").glob(f"*/{POLICY_INFO}"))
+    if not policies:
+        raise RunError(f"{path}: has no saved policies (policies/<name>/adapter_model.safetensors)")
+    return {"dir": path, "config": config, "policies": policies}
+
+
+def evaluate_runs(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike | None = None, *,
+                  sets: tuple[str, ...] = (), console=None, overwrite: bool = False) -> RunResult:
+    """Evaluate every policy of ``run_dirs`` and the reference; ``sets`` may change ``eval.*`` / ``judge``."""
+    t_start = time.perf_counter()
+    runs = [_saved_run(Path(d)) for d in run_dirs]
+    if len({str(r["dir"].resolve()) for r in runs}) != len(runs):
+        raise RunError("a run folder is given twice: each run is evaluated once")
+    models = {r["config"].get("model") for r in runs}
+    if len(models) > 1:
+        raise RunError(f"runs are on different base models ({', '.join(sorted(map(str, models)))}): evaluate each base separately")
+    data = copy.deepcopy(runs[0]["config"])
+    for text in sets:
+        path, raw = C.parse_assignment(text)
+        if path[0] not in ("eval", "judge", "threads", "device"):
+            raise RunError(f"--set {text}: prefopt eval only changes eval.*, judge, threads and device")
+        C.set_path(data, path, C.coerce(raw, C.field_type(BenchConfig, path, where=f"--set {text}"),
+                                        where=f"--set {text}", path=".".join(path)))
+    cfg = C.build(BenchConfig, data, where=str(runs[0]["dir"] / FILES["config"]))
+    prompts = load_prompts(runs[0]["dir"] / FILES["eval_prompts"])
+    judge = load_judge(cfg.judge)
+    stages = Stages(console)
+    names: dict[str, tuple[Path, str]] = {}  # display name -> (run dir, policy)
+    for i, r in enumerate(runs):
+        for p in r["policies"]:
+            names[p if len(runs) == 1 else f"{r['dir'].name}/{p}"] = (r["dir"], p)
+    if len(names) != sum(len(r["policies"]) for r in runs):
+        raise RunError("two runs share a folder name: give runs with distinct folder names")
+
+    out = Path(out_dir) if out_dir else Path("runs") / datetime.now().strftime("eval-%Y%m%d-%H%M%S")
+    from prefopt.reports.run import RunFolder
+
+    RunFolder.create(out, kind="eval", overwrite=overwrite).abort()  # is the output writable? (before compute)
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    device = pick_device(cfg.device)
+    with stages.stage("load base"):
+        lm, tok = base_model(cfg.model, device)
+    shared = SharedBase(lm, tok, LoraSettings(**data.get("lora", {})))
+    roles, proxies, rms, policy_info = {}, {}, {}, {}
+    for display, (run_dir, policy) in names.items():
+        role = re.sub(r"[^A-Za-z0-9_]", "_", f"p{len(roles)}_{policy}")
+        shared.load_role(role, run_dir / "policies" / policy)
+        roles[display] = role
+        info = C.load_file(run_dir / "policies" / policy / POLICY_INFO)
+        policy_info[display] = {"backend": info.get("backend"), "config": info.get("config", {}), "run": str(run_dir)}
+        if (run_dir / "rm").is_dir():
+            if run_dir not in rms:
+                rms[run_dir] = rm_backend.RewardModel.load(shared, run_dir / "rm", role=f"rm{len(rms)}")
+            proxies[display] = rms[run_dir].score_ids
+    if runs[0]["dir"] in rms:
+        proxies[REFERENCE] = rms[runs[0]["dir"]].score_ids
+    policies = {REFERENCE: None, **roles}
+    with stages.stage("eval", total=len(prompts) * len(policies)) as adv:
+        result = evaluate(shared, policies, prompts, judge, cfg.eval, proxies=proxies,
+                          on_progress=lambda name, k: adv(k))
+    timings = dict(stages.timings, total=round(time.perf_counter() - t_start, 1))
+    meta = {"versions": versions(), "runs": [str(r["dir"]) for r in runs], "device": str(shared.device),
+            "timings_s": timings, "n_eval_prompts": len(prompts), "n_held_out_eval_pairs": result.n_held_out_pairs,
+            "seed": cfg.seed, "created": datetime.now().isoformat(timespec="seconds")}
+    extra = {"eval_settings": eval_settings(cfg, prompts), "metric_versions": metric_versions(),
+             "policy_info": policy_info, "backends": list(BACKENDS)}
+    path = write_run(out, config=C.to_dict(cfg), metrics=[], summary=result.summary, samples=result.samples,
+                     meta=meta, policies=list(policies), overwrite=overwrite, kind="eval", extra=extra)
+    return RunResult(path, result.summary, timings, [])

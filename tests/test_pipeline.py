@@ -1,0 +1,93 @@
+"""The pipeline on the tiny model: synthetic pairs are a pure function of the seed, the master seed reaches every
+stage, cached stages give exactly what computing them gives, runs are artifacts."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from conftest import micro
+
+from prefopt.data.io import load_pairs
+from prefopt.data.judges import VaderJudge
+from prefopt.data.tasks import sentiment_prompts
+from prefopt.models.base import load_base
+from prefopt.models.shared import LoraSettings, SharedBase
+from prefopt.pipeline.bench import checkpoint_steps, run, synthesize_pairs
+from prefopt.pipeline.config import PRESETS, BenchConfig, preset
+
+
+def _pairs(seed):
+    lm, tok = load_base("tiny", device=torch.device("cpu"), seed=0)
+    shared = SharedBase(lm, tok, LoraSettings(r=4, alpha=8))
+    cfg = preset("smoke")
+    cfg.seed = seed
+    cfg.data.k = 3
+    cfg.data.pairs_per_prompt = 2
+    return synthesize_pairs(shared, VaderJudge(), sentiment_prompts()[:6], cfg, advance=lambda n: None)
+
+
+def test_synthetic_pairs_deterministic_by_seed():
+    a, b, c = _pairs(0), _pairs(0), _pairs(1)
+    assert len(a) == 12
+    assert [dataclasses.astuple(p) for p in a] == [dataclasses.astuple(p) for p in b]
+    assert [(p.chosen, p.rejected) for p in a] != [(p.chosen, p.rejected) for p in c]
+    for p in a:
+        assert p.chosen != p.rejected
+        assert isinstance(p.meta["chosen_eos"], bool) and isinstance(p.meta["rejected_eos"], bool)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_are_valid(name):
+    cfg = preset(name)
+    assert isinstance(cfg, BenchConfig)
+    assert set(cfg.policies) == {"ppo", "dpo"}
+    assert cfg.ppo.mini_batch_size <= cfg.ppo.batch_size
+
+
+def test_checkpoint_steps_are_inside_training():
+    assert checkpoint_steps(12, 2) == {4, 8}
+    assert checkpoint_steps(3, 5) == {1, 2}
+    assert checkpoint_steps(10, 0) == set()
+
+
+def test_master_seed_reaches_every_stage():
+    cfg = micro("seed=3")
+    for pol in cfg.resolved_policies().values():
+        assert pol.config.seed == 3
+    assert micro("seed=3", "dpo.seed=9").resolved_policies()["dpo"].config.seed == 9
+
+
+def _run(tmp_path, name, *sets, cache=None):
+    return run(micro(*sets), tmp_path / name, cache_dir=cache, console=None)
+
+
+def test_cached_stages_give_identical_results_and_runs_are_artifacts(tmp_path):
+    cache = tmp_path / "cache"
+    first = _run(tmp_path, "a", cache=cache)
+    second = _run(tmp_path, "b", cache=cache)
+    assert first.cache_hits == [] and second.cache_hits == ["pairs", "rm"]
+    strip = lambda rows: [{k: v for k, v in r.items()} for r in rows]  # noqa: E731
+    assert strip(first.summary) == strip(second.summary)  # a cached stage is exactly the computed one
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert load_pairs(a / "pairs.jsonl") == load_pairs(b / "pairs.jsonl")
+    for folder in (a / "policies" / "ppo", a / "policies" / "dpo", a / "rm"):
+        assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
+    info = json.loads((a / "policies" / "dpo" / "policy.json").read_text())
+    assert info["backend"] == "dpo" and info["config"]["seed"] == 0
+    doc = json.loads((a / "summary.json").read_text())
+    assert doc["eval_settings"]["eval"]["seed"] == 1234 and doc["metric_versions"]["eval/kl_to_ref"] == 1
+    steps = {(r["policy"], r["step"]) for r in doc["path"]}
+    assert ("reference", 0) in steps and ("ppo", 1) in steps  # evaluations during training draw a path
+    assert json.loads((a / "prefopt-run.json").read_text())["complete"] is True
+
+
+def test_seed_changes_pairs_and_weights(tmp_path):
+    _run(tmp_path, "s0")
+    _run(tmp_path, "s1", "seed=1")
+    assert load_pairs(tmp_path / "s0" / "pairs.jsonl") != load_pairs(tmp_path / "s1" / "pairs.jsonl")
+    from safetensors.torch import load_file
+
+    w0 = load_file(str(tmp_path / "s0" / "policies" / "dpo" / "adapter_model.safetensors"))
+    w1 = load_file(str(tmp_path / "s1" / "policies" / "dpo" / "adapter_model.safetensors"))
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)

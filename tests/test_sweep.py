@@ -1,0 +1,127 @@
+"""Sweeps on Optuna: a cell killed with SIGKILL is redone cleanly and nothing finished is redone; two workers on
+one storage share a sweep without running any cell twice. Real processes, the tiny model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import MICRO
+
+from prefopt.pipeline.sweep import load_sweep
+from prefopt.reports.run import read_marker
+
+SWEEP = {
+    "name": "t",
+    "preset": "smoke",
+    "set": list(MICRO),
+    "seeds": [0, 1],
+    "arms": {"dpo": {"backend": "dpo", "grid": {"beta": [0.1, 0.3]}}, "ppo-gt": {"backend": "ppo", "reward": "gold"}},
+}
+N_CELLS = 6
+
+
+def _write(tmp_path: Path) -> Path:
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(SWEEP))
+    return path
+
+
+def _start(sweep: Path, out: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    cmd = [sys.executable, "-m", "prefopt.cli", "sweep", str(sweep), "--out", str(out), "--heartbeat", "1", "--grace", "3", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _trials(out: Path):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{out / 'sweep.db'}")
+    return study.get_trials(deepcopy=False)
+
+
+def _complete_cells(out: Path) -> dict[str, dict]:
+    cells = out / "cells"
+    if not cells.is_dir():
+        return {}
+    done = {}
+    for p in cells.iterdir():
+        marker = read_marker(p)
+        if marker is not None and marker.get("complete"):
+            done[p.name] = marker
+    return done
+
+
+def test_sweep_file_builds_and_validates_every_cell(tmp_path):
+    spec = load_sweep(_write(tmp_path))
+    assert len(spec.cells) == N_CELLS
+    assert {c.id for c in spec.cells} >= {"dpo__beta=0.1__seed=0", "ppo-gt__seed=1"}
+    bad = dict(SWEEP, arms={"dpo": {"backend": "dpo", "grid": {"betta": [0.1]}}})
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    from prefopt.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="did you mean 'policies.dpo.beta'"):
+        load_sweep(tmp_path / "bad.json")
+
+
+def test_sweep_killed_mid_cell_redoes_only_what_is_missing(tmp_path):
+    sweep, out = _write(tmp_path), tmp_path / "out"
+    proc = _start(sweep, out)
+    deadline = time.time() + 240
+    # wait until at least one cell is finished and another is being written
+    while time.time() < deadline:
+        staging = list((out / "cells").glob("*.tmp-*")) if (out / "cells").is_dir() else []
+        if _complete_cells(out) and staging:
+            break
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    else:
+        pytest.fail("the sweep never got to a second cell")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = _complete_cells(out)
+    assert 1 <= len(before) < N_CELLS
+    killed = [t for t in _trials(out) if t.state.name == "RUNNING"]
+    assert len(killed) == 1  # the interrupted cell, still 'running' in the storage
+
+    res = subprocess.run([*_start_cmd(sweep, out)], capture_output=True, text=True, timeout=300, env=_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    after = _complete_cells(out)
+    assert len(after) == N_CELLS
+    for cell, marker in before.items():  # finished cells were not redone: same folder, same writer
+        assert after[cell] == marker
+    assert f"{N_CELLS - len(before)} run by this worker" in res.stdout
+    trials = _trials(out)
+    complete = [t.params["cell"] for t in trials if t.state.name == "COMPLETE"]
+    assert sorted(complete) == sorted(after)  # every cell exactly once
+    assert any(t.state.name == "FAIL" for t in trials)  # the killed one, failed by heartbeat and re-queued
+    assert not list((out / "cells").glob("*.tmp-*"))  # the killed cell's half-written folder is gone
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+
+
+def _start_cmd(sweep, out):
+    return [sys.executable, "-m", "prefopt.cli", "sweep", str(sweep), "--out", str(out), "--heartbeat", "1", "--grace", "3"]
+
+
+def test_two_workers_share_a_sweep_without_duplicates(tmp_path):
+    sweep, out = _write(tmp_path), tmp_path / "out"
+    procs = [_start(sweep, out), _start(sweep, out)]
+    outputs = [p.communicate(timeout=400) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outputs):
+        assert p.returncode == 0, stderr[-3000:]
+    ran = [int(stdout.split("complete, ")[1].split(" run by")[0]) for stdout, _ in outputs]
+    assert sum(ran) == N_CELLS and min(ran) >= 1  # both worked, no cell twice
+    trials = _trials(out)
+    complete = [t.params["cell"] for t in trials if t.state.name == "COMPLETE"]
+    assert len(complete) == len(set(complete)) == N_CELLS
+    assert len(_complete_cells(out)) == N_CELLS
+    # stages shared across cells were computed once per seed: one pairs entry per seed
+    assert len([p for p in (out / "cache" / "pairs").iterdir() if p.is_dir()]) == 2
