@@ -75,41 +75,32 @@ def _print_result(result) -> None:
     out.print(f"run folder: {result.out_dir}\ntimings: {stages}{hits}", highlight=False)
 
 
-@app.command()
-def bench(
-    preset: str = PRESET,
-    config: Optional[Path] = CONFIG,
-    set_: Optional[List[str]] = SET,
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/bench-<time>)."),
-    overwrite: bool = OVERWRITE,
-    cache: Optional[Path] = typer.Option(None, help="Reuse synthetic pairs and reward models from this folder across runs."),
-) -> None:
-    """Run the whole comparison: pairs -> reward model -> every policy -> held-out evaluation -> report."""
+def _train(preset, config, sets, out_dir, overwrite, cache, evaluate: bool) -> None:
     with _user_errors():
         from prefopt.pipeline.bench import run
 
-        cfg = _load(preset, config, set_)
-        result = run(cfg, out_dir, cache_dir=cache, console=err, overwrite=overwrite, extra_meta={"command": _command_line()})
-    _print_result(result)
-
-
-@app.command()
-def train(
-    preset: str = PRESET,
-    config: Optional[Path] = CONFIG,
-    set_: Optional[List[str]] = SET,
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/bench-<time>)."),
-    overwrite: bool = OVERWRITE,
-    cache: Optional[Path] = typer.Option(None, help="Reuse synthetic pairs and reward models from this folder across runs."),
-) -> None:
-    """Train every policy and save it (PEFT adapter folders), without the final evaluation (`prefopt eval` does it)."""
-    with _user_errors():
-        from prefopt.pipeline.bench import run
-
-        cfg = _load(preset, config, set_)
-        result = run(cfg, out_dir, evaluate_policies=False, cache_dir=cache, console=err, overwrite=overwrite,
+        cfg = _load(preset, config, sets)
+        result = run(cfg, out_dir, evaluate_policies=evaluate, cache_dir=cache, console=err, overwrite=overwrite,
                      extra_meta={"command": _command_line()})
     _print_result(result)
+
+
+OUT = typer.Option(None, "--out", help="Run folder (default runs/bench-<time>).")
+CACHE = typer.Option(None, help="Reuse synthetic pairs and reward models from this folder across runs.")
+
+
+@app.command()
+def bench(preset: str = PRESET, config: Optional[Path] = CONFIG, set_: Optional[List[str]] = SET,
+          out_dir: Optional[Path] = OUT, overwrite: bool = OVERWRITE, cache: Optional[Path] = CACHE) -> None:
+    """Run the whole comparison: pairs -> reward model -> every policy -> held-out evaluation -> report."""
+    _train(preset, config, set_, out_dir, overwrite, cache, evaluate=True)
+
+
+@app.command()
+def train(preset: str = PRESET, config: Optional[Path] = CONFIG, set_: Optional[List[str]] = SET,
+          out_dir: Optional[Path] = OUT, overwrite: bool = OVERWRITE, cache: Optional[Path] = CACHE) -> None:
+    """Train every policy and save it (PEFT adapter folders), without the final evaluation (`prefopt eval` does it)."""
+    _train(preset, config, set_, out_dir, overwrite, cache, evaluate=False)
 
 
 @app.command("eval")

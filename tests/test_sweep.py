@@ -125,3 +125,15 @@ def test_two_workers_share_a_sweep_without_duplicates(tmp_path):
     assert len(_complete_cells(out)) == N_CELLS
     # stages shared across cells were computed once per seed: one pairs entry per seed
     assert len([p for p in (out / "cache" / "pairs").iterdir() if p.is_dir()]) == 2
+
+
+def test_shipped_sweep_and_config_files_validate():
+    """Every sweep file in benchmarks/ loads and builds every cell (data paths given as the README says)."""
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    files = sorted(root.glob("*_sweep.yaml"))
+    assert files
+    shared = root.parent.parent / "shared" / "data" / "imdb_reviews_1999.csv"
+    for f in files:
+        sets = (f"data.prompts={shared}",) if "imdb" in f.name else ()
+        spec = load_sweep(f, sets=sets)
+        assert len(spec.cells) >= 10, f

@@ -122,7 +122,9 @@ def load_base(spec: str, *, device: torch.device | None = None, seed: int = 0):
         lm = tiny_causal_lm(len(tok), seed=seed)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # prefopt shows its own stage progress; tqdm bars flood logs
         src = resolve_model(spec)
         kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
         try:

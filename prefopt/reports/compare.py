@@ -433,13 +433,17 @@ def _fmt(v: float | None, digits: int = 3) -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt_number(f"{{:.{digits}f}}", v)
 
 
+def _matched_grid(cmp: Comparison, metric: str):
+    """(algorithms, {(budget, algorithm): row}, verdict per budget) of one metric's matched-KL table."""
+    algs = list(dict.fromkeys(r.algorithm for r in cmp.matched))
+    by = {(r.budget, r.algorithm): r for r in cmp.matched if r.metric == metric}
+    return algs, by, (cmp.verdicts if metric == GOLD else cmp.win_verdicts)
+
+
 def matched_markdown(cmp: Comparison, metric: str = GOLD) -> str:
     from prefopt.reports.tables import markdown_table
 
-    algs = list(dict.fromkeys(r.algorithm for r in cmp.matched))
-    by = {(r.budget, r.algorithm): r for r in cmp.matched if r.metric == metric}
-    verdict = cmp.verdicts if metric == GOLD else cmp.win_verdicts
-    header = ["KL budget", *algs, "verdict"]
+    algs, by, verdict = _matched_grid(cmp, metric)
     body = []
     for b in cmp.budgets:
         cells = []
@@ -451,7 +455,7 @@ def matched_markdown(cmp: Comparison, metric: str = GOLD) -> str:
                 ci = f" [{_fmt(r.lo)}, {_fmt(r.hi)}]" if r.lo is not None else ""
                 cells.append(f"{_fmt(r.mean)}{ci} (n={r.n_seeds})")
         body.append([f"{b:g}", *cells, verdict.get(b, "")])
-    return markdown_table(header, body)
+    return markdown_table(["KL budget", *algs, "verdict"], body)
 
 
 def matched_console(cmp: Comparison, metric: str = GOLD, title: str | None = None):
@@ -459,9 +463,7 @@ def matched_console(cmp: Comparison, metric: str = GOLD, title: str | None = Non
     from rich import box
     from rich.table import Table
 
-    algs = list(dict.fromkeys(r.algorithm for r in cmp.matched))
-    by = {(r.budget, r.algorithm): r for r in cmp.matched if r.metric == metric}
-    verdict = cmp.verdicts if metric == GOLD else cmp.win_verdicts
+    algs, by, verdict = _matched_grid(cmp, metric)
     table = Table(title=title or f"{metric.removeprefix('eval/')} at matched KL (mean, ±95% CI, n seeds)",
                   box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
     table.add_column("KL ≤", justify="right", overflow="fold")
@@ -483,16 +485,27 @@ def matched_console(cmp: Comparison, metric: str = GOLD, title: str | None = Non
 
 
 def write_comparison(cmp: Comparison, folder: str | Path, *, command: str | None = None) -> list[Path]:
-    """Tables (Markdown, CSV, JSON) and plots (frontier, over-optimisation, win rates) into ``folder``."""
+    """Tables (Markdown, CSV, JSON) and plots (frontier, over-optimisation, win rates) into ``folder``, atomically
+    (built next to it, renamed into place; an older report there is replaced, any other folder refused)."""
+    from prefopt.reports.run import RunFolder
+
+    report = RunFolder.create(folder, kind="report", overwrite=True)  # derived files: a new report replaces the old
+    try:
+        _write_comparison(cmp, report.path, command)
+    except BaseException:
+        report.abort()
+        raise
+    report.finish()
+    return sorted(Path(folder).iterdir())
+
+
+def _write_comparison(cmp: Comparison, out: Path, command: str | None) -> None:
     import pandas as pd
 
     from prefopt.reports import plots
     from prefopt.reports.run import dump_json
     from prefopt.reports.tables import comparison_markdown
 
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
     variants = cmp.variants
     pooled_rows = [p.row() for p in cmp.pooled]
     summary = pooled_summary(cmp.pooled)
@@ -510,15 +523,13 @@ def write_comparison(cmp: Comparison, folder: str | Path, *, command: str | None
         "verdicts": {f"{b:g}": v for b, v in cmp.verdicts.items()},
         "win_rate_verdicts": {f"{b:g}": v for b, v in cmp.win_verdicts.items()},
     }), encoding="utf-8")
-    written += [out / n for n in ("pooled.csv", "matched_kl.csv", "cells.csv", "comparison.json")]
 
     data = cmp.variant_data()
-    written.append(plots.plot_frontier(data, frontier_curves(cmp), out / "frontier.png"))
+    plots.plot_frontier(data, frontier_curves(cmp), out / "frontier.png")
     if any(PROXY in d["rows"] for d in data.values()):
-        written.append(plots.plot_overoptimisation({k: v for k, v in data.items() if PROXY in v["rows"]},
-                                                   out / "overoptimisation.png"))
+        plots.plot_overoptimisation({k: v for k, v in data.items() if PROXY in v["rows"]}, out / "overoptimisation.png")
     win_rows = [r for r in summary if r["metric"] == WIN and r["policy"] != REFERENCE]
-    written.append(plots.plot_win_rates(sorted(win_rows, key=lambda r: variants.index(r["policy"])), out / "win_rates.png"))
+    plots.plot_win_rates(sorted(win_rows, key=lambda r: variants.index(r["policy"])), out / "win_rates.png")
 
     n_runs, seeds = len(cmp.runs), sorted({c.seed for c in cmp.cells})
     lines = ["# Comparison report", ""]
@@ -539,5 +550,3 @@ def write_comparison(cmp: Comparison, folder: str | Path, *, command: str | None
         lines += ["![over-optimisation](overoptimisation.png)", ""]
     lines += ["![win rates](win_rates.png)", ""]
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
-    written.append(out / "report.md")
-    return written

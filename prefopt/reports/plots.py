@@ -93,7 +93,7 @@ def plot_reward_kl(
         if x is None or y is None:
             continue
         (x_mean, x_err), (y_mean, y_err) = x, y
-        px, py = _path_xy(path_rows, policy)
+        px, py = _path_xy(path_rows, policy) if policy != "reference" else ([], [])  # its row is a baseline
         ref_x = _point(rows.get(("reference", KL_METRIC)))
         ref_y = _point(rows.get(("reference", REWARD_METRIC)))
         if px and ref_x is not None and ref_y is not None:  # the run's path: reference -> checkpoints -> final

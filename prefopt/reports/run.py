@@ -3,7 +3,7 @@
 A run folder is the durable output of a command: everything needed to rebuild its reports (``prefopt report``)
 without a model, plus the trained artifacts (PEFT adapter folders) written by the pipeline. Layout::
 
-    prefopt-run.json   the marker: {"kind": "run" | "eval" | "sweep", "schema_version", "complete", ...}
+    prefopt-run.json   the marker: {"kind": "run" | "eval" | "sweep" | "report", "schema_version", "complete", ...}
     config.json        resolved config (loads back with --config)
     summary.json       {"schema_version", "meta", "policies", "eval_settings", "metric_versions", "summary", "path"}
     metrics.jsonl      training log rows
@@ -55,7 +55,7 @@ __all__ = [
 
 SCHEMA_VERSION = 2
 MARKER = "prefopt-run.json"
-KINDS = ("run", "eval", "sweep")
+KINDS = ("run", "eval", "sweep", "report")
 
 FILES: dict[str, str] = {
     "marker": MARKER,
@@ -243,8 +243,8 @@ def check_target(final: Path, *, kind: str, overwrite: bool) -> None:
         return
     marker = read_marker(final)
     if marker is None:
-        raise RunError(f"{final}: exists and is not a prefopt {kind} folder (no {MARKER}); --overwrite only replaces "
-                       "prefopt's own folders: choose another --out")
+        also = "; --overwrite only replaces prefopt's own folders" if kind != "report" else ""
+        raise RunError(f"{final}: exists and is not a prefopt {kind} folder (no {MARKER}){also}: choose another --out")
     if marker["kind"] != kind:
         raise RunError(f"{final}: is a prefopt {marker['kind']} folder, not a {kind} folder: choose another --out")
     if not overwrite:
@@ -319,29 +319,15 @@ def write_reports(
     return written
 
 
-def write_run(
-    out_dir: str | PathLike[str],
-    *,
-    config: Any,
-    metrics: Sequence[Mapping[str, Any]],
-    summary: Sequence[Mapping[str, Any]],
-    samples: Sequence[Mapping[str, Any]],
-    meta: Mapping[str, Any],
-    policies: Sequence[str],
-    pairs: Sequence[Mapping[str, Any]] | None = None,
-    overwrite: bool = False,
-    kind: str = "run",
-    extra: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write a complete result folder in one go (atomic): what ``prefopt eval`` and tests use."""
+def write_run(out_dir: str | PathLike[str], *, overwrite: bool = False, kind: str = "run", **contents: Any) -> Path:
+    """Write a complete result folder in one go (atomic): ``contents`` are :func:`fill_run`'s arguments."""
     folder = RunFolder.create(out_dir, kind=kind, overwrite=overwrite)
     try:
-        fill_run(folder, config=config, metrics=metrics, summary=summary, samples=samples, meta=meta,
-                 policies=policies, pairs=pairs, extra=extra)
+        fill_run(folder, **contents)
     except BaseException:
         folder.abort()
         raise
-    return folder.finish(evaluated=bool(summary))
+    return folder.finish(evaluated=bool(contents.get("summary")))
 
 
 def fill_run(
