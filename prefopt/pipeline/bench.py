@@ -114,11 +114,14 @@ def versions() -> dict:
     import prefopt
 
     git = None
+    here = Path(__file__).resolve().parent
     try:
-        git = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip() or None
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=here).stdout.strip() or None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", str(here.parent)],
+                               capture_output=True, text=True, timeout=5, cwd=here).stdout.strip()
+        if git and dirty:
+            git += "+dirty"  # the code that ran is not exactly that commit
     except (OSError, subprocess.SubprocessError):
         pass
     return {
@@ -257,10 +260,10 @@ def run(
     out = Path(out_dir) if out_dir else Path("runs") / datetime.now().strftime("bench-%Y%m%d-%H%M%S")
     t_start = time.perf_counter()
 
-    # 0. inputs: read and validate everything first; claim the output folder (is it writable?) before compute
-    inputs = load_inputs(cfg)
+    # 0. claim the output folder (is it writable?), then read and validate every input, all before any compute
     folder = RunFolder.create(out, kind="run", overwrite=overwrite)
     try:
+        inputs = load_inputs(cfg)
         return _run(cfg, inputs, folder, stages, evaluate_policies, StageCache(cache_dir), t_start, extra_meta or {})
     except BaseException:
         folder.abort()

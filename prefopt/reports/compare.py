@@ -169,17 +169,27 @@ class Pooled:
         return self.__dict__.copy()
 
 
-def pool_rows(rows: Sequence[Mapping[str, Any]], metric: str) -> tuple[float, float | None, float | None, float | None, int, int]:
-    """(mean, lo, hi, se, n_seeds, n_samples): t-interval over runs when >= 2, else the run's own interval."""
-    means = [float(r["mean"]) for r in rows if r.get("mean") is not None]
-    n_samples = sum(int(r.get("n") or 0) for r in rows)
-    if not means:
-        return math.nan, None, None, None, 0, n_samples
-    if len(means) >= 2:
+def pool_rows(rows: Sequence[Mapping[str, Any]], seeds: Sequence[int] | None = None):
+    """(mean, lo, hi, se, n_seeds, n_samples) of one metric over a variant's runs.
+
+    Runs of the same seed are averaged first; over >= 2 seeds whose values differ, a t-interval over seeds; when
+    every seed gives the same number (the reference: it does not depend on the training seed) or there is one
+    seed, the run's own interval over samples.
+    """
+    rows = [r for r in rows if r.get("mean") is not None]
+    if not rows:
+        return math.nan, None, None, None, 0, 0
+    seeds = list(seeds) if seeds is not None else list(range(len(rows)))
+    by_seed: dict[int, list[float]] = defaultdict(list)
+    for seed, r in zip(seeds, rows):
+        by_seed[seed].append(float(r["mean"]))
+    means = [sum(v) / len(v) for v in by_seed.values()]
+    n_samples = sum(int(r.get("n") or 0) for r in rows) // max(1, len(rows) // len(by_seed))
+    if len(means) >= 2 and len(set(means)) > 1:
         est = mean_ci(means)
         return est.mean, est.lo, est.hi, est.se, len(means), n_samples
     r = rows[0]
-    return means[0], r.get("lo"), r.get("hi"), r.get("se"), 1, n_samples
+    return float(r["mean"]), r.get("lo"), r.get("hi"), r.get("se"), 1, int(r.get("n") or 0)
 
 
 def pool(cells: Sequence[Cell]) -> list[Pooled]:
@@ -191,8 +201,8 @@ def pool(cells: Sequence[Cell]) -> list[Pooled]:
     for (alg, variant), group in groups.items():
         metrics = list(dict.fromkeys(m for c in group for m in c.rows))
         for metric in metrics:
-            rows = [c.rows[metric] for c in group if metric in c.rows]
-            mean, lo, hi, se, n_seeds, n_samples = pool_rows(rows, metric)
+            have = [c for c in group if metric in c.rows]
+            mean, lo, hi, se, n_seeds, n_samples = pool_rows([c.rows[metric] for c in have], [c.seed for c in have])
             out.append(Pooled(alg, variant, metric, mean, lo, hi, se, n_seeds, n_samples))
     return out
 
@@ -387,10 +397,11 @@ class Comparison:
                 for point in c.path:
                     for metric, row in point.items():
                         if metric != "step":
-                            steps[point["step"]][metric].append(row)
+                            steps[point["step"]][metric].append((c.seed, row))
             path = []
             for step in sorted(steps):
-                path.append({m: dict(zip(("mean", "lo", "hi", "se", "n_seeds", "n_samples"), pool_rows(rs, m)))
+                path.append({m: dict(zip(("mean", "lo", "hi", "se", "n_seeds", "n_samples"),
+                                         pool_rows([r for _, r in rs], [s for s, _ in rs])))
                              for m, rs in steps[step].items()})
             out[v] = {"algorithm": cells[0].policy, "rows": rows, "path": path}
         return out
