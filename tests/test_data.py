@@ -544,9 +544,11 @@ def test_pairs_written_by_a_run_load_back_unchanged(tmp_path: Path) -> None:
     assert load_pairs(write_pairs(tmp_path / "again.jsonl", load_pairs(path))) == pairs
 
 
-def test_empty_response_needs_an_eos_flag(tmp_path: Path) -> None:
-    rows = [{"prompt": "p", "chosen": "a", "rejected": "", "rejected_eos": False}]
+def test_blank_response_needs_an_eos_flag(tmp_path: Path) -> None:
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "  "}]
     assert "field 'rejected' is empty" in data_error(load_pairs, write_jsonl(tmp_path / "d.jsonl", rows))
+    sampled = [{"prompt": "p", "chosen": "a", "rejected": " ", "rejected_eos": False}]  # what a sampler produced
+    assert load_pairs(write_jsonl(tmp_path / "s.jsonl", sampled))[0].rejected == " "
 
 
 def test_invalid_utf8_names_the_line_or_is_replaced_and_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -46,8 +46,8 @@ def test_presets_are_valid(name):
 
 
 def test_checkpoint_steps_are_inside_training():
-    assert checkpoint_steps(12, 2) == {4, 8}
-    assert checkpoint_steps(3, 5) == {1, 2}
+    assert checkpoint_steps(12, 2) == {4, 8, 12}
+    assert checkpoint_steps(3, 5) == {1, 2, 3}
     assert checkpoint_steps(10, 0) == set()
 
 
@@ -91,3 +91,17 @@ def test_seed_changes_pairs_and_weights(tmp_path):
     w0 = load_file(str(tmp_path / "s0" / "policies" / "dpo" / "adapter_model.safetensors"))
     w1 = load_file(str(tmp_path / "s1" / "policies" / "dpo" / "adapter_model.safetensors"))
     assert any(not torch.equal(w0[k], w1[k]) for k in w0)
+
+
+def test_synthetic_pairs_round_trip_through_their_file(tmp_path):
+    """What the cache and run folders store loads back as exactly the pairs that were synthesised, blank and
+    whitespace responses of a tiny model included."""
+    from prefopt.data.io import write_pairs
+
+    lm, tok = load_base("tiny", device=torch.device("cpu"))
+    shared = SharedBase(lm, tok, LoraSettings(r=4, alpha=8))
+    cfg = preset("smoke")
+    cfg.data.k = 8
+    pairs = synthesize_pairs(shared, VaderJudge(), sentiment_prompts()[:64], cfg, advance=lambda n: None)
+    assert len(pairs) > 200
+    assert load_pairs(write_pairs(tmp_path / "pairs.jsonl", pairs)) == pairs

@@ -405,10 +405,11 @@ def _make_pair(prompt: Prompt, chosen: str, rejected: str, row: Row, loc: str) -
         nested = meta.pop("meta")
         meta.update(nested)
     for name, text in (("chosen", chosen), ("rejected", rejected)):
-        # an empty response is only a response when the row says it ended there (an immediate EOS)
-        if not text.strip() and not (text == "" and meta.get(f"{name}_eos") is True):
+        # a blank response is data only when the row records how the sampler ended it (synthetic pairs carry
+        # '<name>_eos'); elsewhere it is a broken row
+        if not text.strip() and not isinstance(meta.get(f"{name}_eos"), bool):
             raise DataError(f"{loc}: field '{name}' is empty: every pair needs two non-empty responses "
-                            f"(or '{name}_eos': true for a response that is only EOS)")
+                            f"(a sampled blank response needs '{name}_eos': true/false)")
     if chosen == rejected:
         raise DataError(
             f"{loc}: fields 'chosen' and 'rejected' are identical: a pair needs two different responses"

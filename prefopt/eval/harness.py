@@ -55,8 +55,9 @@ class EvalConfig:
                                                "reference's samples are identical in every run)."})
     held_out_pairs: bool = field(default=True, metadata={"help": "Build gold-labelled pairs from two reference samples per eval prompt "
                                                           "and report implicit-reward and reward-model accuracy on them."})
-    path_points: int = field(default=2, metadata={"help": "Evaluations of each policy during training, evenly spaced (0 = off): "
-                                                   "every run draws a path in (KL, gold) space."})
+    path_points: int = field(default=2, metadata={"help": "Evaluations of each policy during training on the path prompts: this many "
+                                                   "evenly spaced, plus one after the last step (0 = none); every run draws a "
+                                                   "path in (KL, gold) space."})
     path_prompts: int = field(default=64, metadata={"help": "Held-out prompts used by each evaluation during training."})
 
     def __post_init__(self):

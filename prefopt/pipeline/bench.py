@@ -217,8 +217,11 @@ def reward_fn(spec: str, rm, judge: Judge, tokenizer, text_rewards: dict):
 
 
 def checkpoint_steps(total: int, points: int) -> set[int]:
-    """``points`` evenly spaced steps strictly inside 1..total (the final step is the full evaluation)."""
-    return {s for s in (round(total * i / (points + 1)) for i in range(1, points + 1)) if 0 < s < total}
+    """``points`` evenly spaced steps inside 1..total, plus the last one: a path evaluated on the same prompts
+    from start to end (the full evaluation after training is on all held-out prompts)."""
+    if points <= 0:
+        return set()
+    return {s for s in (round(total * i / (points + 1)) for i in range(1, points + 1)) if 0 < s < total} | {total}
 
 
 _BASES: dict[tuple, tuple] = {}

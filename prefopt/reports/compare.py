@@ -538,7 +538,8 @@ def _write_comparison(cmp: Comparison, out: Path, command: str | None) -> None:
     data = cmp.variant_data()
     plots.plot_frontier(data, frontier_curves(cmp), out / "frontier.png")
     if any(PROXY in d["rows"] for d in data.values()):
-        plots.plot_overoptimisation({k: v for k, v in data.items() if PROXY in v["rows"]}, out / "overoptimisation.png")
+        plots.plot_overoptimisation({k: v for k, v in data.items() if PROXY in v["rows"]}, out / "overoptimisation.png",
+                                    start=data.get(REFERENCE, {}).get("rows"))
     win_rows = [r for r in summary if r["metric"] == WIN and r["policy"] != REFERENCE]
     plots.plot_win_rates(sorted(win_rows, key=lambda r: variants.index(r["policy"])), out / "win_rates.png")
 

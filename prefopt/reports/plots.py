@@ -96,8 +96,8 @@ def plot_reward_kl(
         px, py = _path_xy(path_rows, policy) if policy != "reference" else ([], [])  # its row is a baseline
         ref_x = _point(rows.get(("reference", KL_METRIC)))
         ref_y = _point(rows.get(("reference", REWARD_METRIC)))
-        if px and ref_x is not None and ref_y is not None:  # the run's path: reference -> checkpoints -> final
-            ax.plot([ref_x[0], *px, x_mean], [ref_y[0], *py, y_mean], "--", lw=1, alpha=0.6, color=f"C{i % 10}",
+        if px and ref_x is not None and ref_y is not None:  # the run's path: reference -> evaluations in training
+            ax.plot([ref_x[0], *px], [ref_y[0], *py], "--", lw=1, alpha=0.6, color=f"C{i % 10}",
                     marker=".", markersize=5)
         ax.errorbar(
             [x_mean],
@@ -182,9 +182,8 @@ def plot_frontier(
         label = None if v["algorithm"] in labelled else v["algorithm"]
         labelled.add(v["algorithm"])
         steps = [p for p in v.get("path", []) if KL_METRIC in p and metric in p]
-        if steps:
-            ax.plot([float(p[KL_METRIC]["mean"]) for p in steps] + [float(rows[KL_METRIC]["mean"])],
-                    [float(p[metric]["mean"]) for p in steps] + [float(rows[metric]["mean"])],
+        if steps:  # evaluations during training (on the path prompts), drawn thin
+            ax.plot([float(p[KL_METRIC]["mean"]) for p in steps], [float(p[metric]["mean"]) for p in steps],
                     ":", color=c, lw=0.8, alpha=0.6)
         if KL_METRIC in rows and metric in rows:
             _errorbar(ax, rows[KL_METRIC], rows[metric], c, label=label, alpha=0.9)
@@ -209,18 +208,25 @@ def plot_frontier(
     return out
 
 
-def plot_overoptimisation(variants: Mapping[str, Mapping[str, Any]], path: str | PathLike[str]) -> Path:
-    """Gold (left) and proxy (right) reward against KL for every variant, through its training path: where
-    the gold reward peaks while the proxy keeps rising, the policy is exploiting the reward model."""
+def plot_overoptimisation(variants: Mapping[str, Mapping[str, Any]], path: str | PathLike[str],
+                          start: Mapping[str, Any] | None = None) -> Path:
+    """Gold (left) and proxy (right) reward against KL for every variant, from ``start`` (the reference's rows:
+    every policy starts there) through its evaluations during training (the same prompts at every step, the last
+    one included; the final evaluation when there is no path): where the gold reward peaks while the proxy keeps
+    rising, the policy is exploiting the reward model."""
     fig, axes = _new_figure(11.0, 4.6, ncols=2)
+    variants = {k: v for k, v in variants.items() if v["algorithm"] != "reference"}
     algorithms = list(dict.fromkeys(v["algorithm"] for v in variants.values()))
-    colour = {a: f"C{i % 10}" for i, a in enumerate(algorithms)}
+    colour = {a: f"C{(i + 1) % 10}" for i, a in enumerate(algorithms)}  # C0 is the reference elsewhere
     labelled: set[str] = set()
+    for ax, metric in zip(axes, (REWARD_METRIC, PROXY_METRIC)):
+        if start and metric in start and _finite(start[metric].get("mean")) is not None:
+            ax.plot([0.0], [float(start[metric]["mean"])], "o", color="C0", markersize=7, label="reference")
     for name, v in variants.items():
         c = colour[v["algorithm"]]
         label = None if v["algorithm"] in labelled else v["algorithm"]
         labelled.add(v["algorithm"])
-        pts = [*v.get("path", []), v["rows"]]
+        pts = [*([start] if start else []), *(v.get("path") or [v["rows"]])]  # the path ends at the last step
         for ax, metric in zip(axes, (REWARD_METRIC, PROXY_METRIC)):
             xy = [(float(p[KL_METRIC]["mean"]), float(p[metric]["mean"])) for p in pts
                   if KL_METRIC in p and metric in p and _finite(p[metric].get("mean")) is not None]
@@ -243,17 +249,18 @@ def plot_win_rates(rows: Sequence[Mapping[str, Any]], path: str | PathLike[str])
     """Horizontal bars: each variant's gold win rate against the reference, with its 95% CI; 0.5 = a tie."""
     rows = [r for r in rows if _finite(r.get("mean")) is not None]
     fig, (ax,) = _new_figure(7.0, max(2.0, 0.45 * len(rows) + 1.2))
-    names = [str(r["policy"]) for r in rows]
+    names = [f"{r['policy']} (n={r['n']})" if r.get("n") is not None else str(r["policy"]) for r in rows]
     means = [float(r["mean"]) for r in rows]
-    errs = [[max(0.0, m - (_finite(r.get("lo")) if _finite(r.get("lo")) is not None else m)) for m, r in zip(means, rows)],
-            [max(0.0, (_finite(r.get("hi")) if _finite(r.get("hi")) is not None else m) - m) for m, r in zip(means, rows)]]
+    lo = [min(max(_finite(r.get("lo")) if _finite(r.get("lo")) is not None else m, 0.0), m) for m, r in zip(means, rows)]
+    hi = [max(min(_finite(r.get("hi")) if _finite(r.get("hi")) is not None else m, 1.0), m) for m, r in zip(means, rows)]
+    errs = [[m - a for m, a in zip(means, lo)], [b - m for m, b in zip(means, hi)]]  # a win rate lives in [0, 1]
     y = list(range(len(rows)))[::-1]
     ax.barh(y, means, xerr=errs, color=[f"C{i % 10}" for i in range(len(rows))], alpha=0.8, capsize=3)
     ax.axvline(0.5, color="k", lw=1, ls="--")
     ax.set_yticks(y)
     ax.set_yticklabels(names, fontsize=8)
     ax.set_xlim(0, 1)
-    ax.set_xlabel("gold win rate vs the reference (ties half), 95% CI")
+    ax.set_xlabel("gold win rate vs the reference (ties half), 95% CI clipped to [0, 1]; n = seeds")
     ax.grid(True, axis="x", alpha=0.3)
     out = Path(path)
     fig.savefig(out, dpi=DPI, format="png")
