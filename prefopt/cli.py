@@ -36,7 +36,9 @@ OVERWRITE = typer.Option(False, help="Replace an existing prefopt folder at --ou
 
 
 def _fail(msg: str, code: int = 1) -> None:
-    err.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    err.print(f"[red]error:[/red] {escape(msg)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -72,7 +74,7 @@ def _print_result(result) -> None:
         out.print(console_table(result.summary))
     stages = ", ".join(f"{k} {v:.0f}s" for k, v in result.timings.items())
     hits = f" (from the cache: {', '.join(result.cache_hits)})" if result.cache_hits else ""
-    out.print(f"run folder: {result.out_dir}\ntimings: {stages}{hits}", highlight=False)
+    out.print(f"run folder: {result.out_dir}\ntimings: {stages}{hits}", highlight=False, markup=False)
 
 
 def _train(preset, config, sets, out_dir, overwrite, cache, evaluate: bool) -> None:
@@ -119,7 +121,7 @@ def eval_(
     _print_result(result)
     if any(r["metric"].startswith("eval/win_rate_vs_") and r["metric"] != "eval/win_rate_vs_ref" for r in result.summary):
         out.print("head to head (row vs column, gold win rate, ties half):")
-        out.print(head_to_head_markdown(result.summary, []), highlight=False, soft_wrap=True)
+        out.print(head_to_head_markdown(result.summary, []), highlight=False, soft_wrap=True, markup=False)
 
 
 @app.command()
@@ -139,7 +141,7 @@ def sweep(
         err.log(f"sweep '{spec.name}': {len(spec.cells)} cells")
         result = run_sweep(spec, out_dir, storage=storage, heartbeat=heartbeat, grace=grace, console=err)
     out.print(f"sweep folder: {result.out_dir} ({len(result.done)} cells complete, {len(result.ran)} run by this worker)\n"
-              f"report: prefopt report {result.out_dir}", highlight=False)
+              f"report: prefopt report {result.out_dir}", highlight=False, markup=False)
 
 
 @app.command()
@@ -193,7 +195,7 @@ def report(
             target = dirs[0] / "report"
         if target is not None:
             write_comparison(cmp, target, command=_command_line())
-            out.print(f"report: {target}/report.md", highlight=False)
+            out.print(f"report: {target}/report.md", highlight=False, markup=False)
         timings = runs[0]["meta"].get("timings_s", {}) if single else {}
         if timings:
             out.print("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()), highlight=False)
@@ -208,6 +210,9 @@ def config_(
 ) -> None:
     """Print every config field: its path (for --set and config files), current value and help text."""
     import json
+    import textwrap
+
+    from rich.markup import escape
 
     with _user_errors():
         from prefopt import config as C
@@ -216,14 +221,15 @@ def config_(
         if as_json:
             out.print_json(json.dumps(C.to_dict(cfg)))
             return
+        width = max(40, min(out.width, 100))
         for doc in C.walk(cfg):
-            out.print(f"[bold]{doc.path}[/] = {json.dumps(doc.value)}  [dim]({doc.type})[/]", highlight=False,
-                      soft_wrap=True)
-            if doc.help:
-                out.print(f"    {doc.help}", highlight=False)
+            out.print(f"[bold]{escape(doc.path)}[/] = {escape(json.dumps(doc.value))}  [dim]({escape(doc.type)})[/]",
+                      highlight=False, soft_wrap=True)
+            for line in textwrap.wrap(doc.help, width=width - 4):
+                out.print("    " + escape(line), highlight=False)
         for name, pol in cfg.resolved_policies().items():
             own = {k: v for k, v in cfg.policies[name].items() if k != "backend"}
-            out.print(f"[bold]policy {name}[/]: backend {pol.backend}" + (f", {json.dumps(own)}" if own else ""),
+            out.print(f"[bold]policy {escape(name)}[/]: backend {pol.backend}" + (f", {escape(json.dumps(own))}" if own else ""),
                       highlight=False, soft_wrap=True)
 
 

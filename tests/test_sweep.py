@@ -137,3 +137,22 @@ def test_shipped_sweep_and_config_files_validate():
         sets = (f"data.prompts={shared}",) if "imdb" in f.name else ()
         spec = load_sweep(f, sets=sets)
         assert len(spec.cells) >= 10, f
+
+
+def test_a_sweep_folder_refuses_a_different_sweep(tmp_path):
+    from prefopt.errors import RunError
+    from prefopt.pipeline.sweep import _init_folder
+
+    spec = load_sweep(_write(tmp_path))
+    out = tmp_path / "out"
+    _init_folder(out, spec)
+    _init_folder(out, spec)  # the same sweep again: fine (a second worker, or a restart)
+    changed = dict(SWEEP, seeds=[0, 1, 2])
+    (tmp_path / "changed.json").write_text(json.dumps(changed))
+    with pytest.raises(RunError, match="holds a different sweep"):
+        _init_folder(out, load_sweep(tmp_path / "changed.json"))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x")
+    with pytest.raises(RunError, match="not a prefopt sweep folder"):
+        _init_folder(mine, spec)
