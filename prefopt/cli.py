@@ -9,12 +9,16 @@ config, model, judge, output folder) print one line and exit 1; usage errors exi
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
+
+if not sys.stderr.isatty():  # libraries' tqdm bars (GGUF loading) flood logs; read by tqdm when first imported
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
 import typer
 from rich.console import Console

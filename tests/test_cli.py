@@ -216,3 +216,19 @@ def test_help_texts():
                  ["report", "--help"], ["config", "--help"]):
         res = runner.invoke(app, args)
         assert res.exit_code == 0 and "Usage" in res.output
+
+
+def test_reward_sources_are_resolved_before_compute(tmp_path, monkeypatch):
+    """A reward source that cannot be loaded fails in step 0 with one line, not after the reward model trained."""
+    import prefopt.pipeline.bench as bench
+
+    def no_compute(*a, **k):
+        raise AssertionError("compute started")
+
+    monkeypatch.setattr(bench, "base_model", no_compute)
+    for spec, expected in (("hf:/nowhere/classifier", "could not load reward model"),
+                           ("py:no_such_module_xyz:f", "could not import judge module"),
+                           ("nope", "PPOConfig.reward must be")):
+        res = runner.invoke(app, ["bench", "--preset", "smoke", "--set", f"ppo.reward={spec}", "--out", str(tmp_path / "r")])
+        assert res.exit_code == 1 and expected in _one_error_line(res.output), res.output
+    assert not list(tmp_path.iterdir())

@@ -13,6 +13,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from prefopt.models.base import ModelError
+
 TextScorer = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 
 
@@ -60,7 +62,7 @@ class SequenceClassifierReward:
             model = AutoModelForSequenceClassification.from_pretrained(name_or_path)
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"could not load reward model '{name_or_path}' ({first}): needs internet or a local path") from None
+            raise ModelError(f"could not load reward model '{name_or_path}' ({first}): needs internet or a local path") from None
         return cls(model, tok, **kwargs)
 
     @torch.no_grad()
