@@ -2,6 +2,10 @@
 
 import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -124,16 +128,36 @@ def test_existing_run_needs_overwrite_and_is_replaced(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_unwritable_out_fails_before_compute_readonly(tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
+    """A folder the user may not write into. Root writes anywhere, so as root (CI) the command runs as 'nobody'."""
+    if os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        try:
+            res = runner.invoke(app, ["bench", "--preset", "smoke", *_sets(), "--out", str(ro / "run")])
+            assert res.exit_code == 1 and "cannot write" in _one_error_line(res.output)
+        finally:
+            ro.chmod(0o700)
+        return
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "setpriv (util-linux) is needed to run this check as root"
+    home = Path(tempfile.mkdtemp(prefix="prefopt-ro-"))  # outside pytest's root-only tmp folder
     try:
-        res = runner.invoke(app, ["bench", "--preset", "smoke", *_sets(), "--out", str(ro / "run")])
-        assert res.exit_code == 1 and "cannot write" in _one_error_line(res.output)
+        home.chmod(0o777)  # nobody keeps its caches (matplotlib, HF) here
+        ro = home / "ro"
+        ro.mkdir(mode=0o555)
+        ro.chmod(0o555)
+        cmd = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "prefopt.cli",
+               "bench", "--preset", "smoke", *_sets(), "--out", str(ro / "run")]
+        env = {**os.environ, "HOME": str(home), "PYTHONDONTWRITEBYTECODE": "1", "COLUMNS": "200"}
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=home)
+        assert res.returncode == 1, (res.stdout, res.stderr)
+        lines = [line for line in (res.stdout + res.stderr).splitlines() if line.strip()]
+        assert len(lines) == 1 and "cannot write" in lines[0], lines
+        assert list(ro.iterdir()) == []
     finally:
-        ro.chmod(0o700)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def test_invalid_out_fails_before_compute(tmp_path, monkeypatch):
