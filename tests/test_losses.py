@@ -8,6 +8,8 @@ import torch
 from prefopt.backends.losses import (
     bradley_terry_loss,
     dpo_loss,
+    exact_kl,
+    future_kl_rewards,
     gae,
     kl_per_token,
     masked_mean,
@@ -189,3 +191,22 @@ def test_whiten_across_ranks_equals_whitening_the_pooled_data():
     assert torch.allclose(out, pooled[:3], atol=1e-6)
     vals = torch.cat([x[mask.bool()], x[mask.bool()]])
     assert scale.item() == pytest.approx(1 / vals.std(unbiased=True).item(), rel=1e-5)
+
+
+def test_exact_kl_hand_computed():
+    p, q = torch.tensor([0.5, 0.25, 0.25]), torch.tensor([0.25, 0.25, 0.5])
+    want = 0.5 * math.log(2) + 0.25 * math.log(0.5)
+    got = exact_kl(p.log()[None, None], q.log()[None, None])
+    assert got.shape == (1, 1) and math.isclose(got.item(), want, rel_tol=1e-6)
+    assert exact_kl(q.log()[None], q.log()[None]).abs().item() < 1e-7
+
+
+def test_future_kl_rewards_hand_computed():
+    # two responses of lengths 3 and 1; state KLs per position (the second row's padding holds junk)
+    state_kl = torch.tensor([[0.1, 0.2, 0.4], [0.3, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    lengths = torch.tensor([3, 1])
+    got = future_kl_rewards(torch.tensor([1.0, -2.0]), state_kl, mask, lengths, kl_coef=0.5)
+    # token t is charged the KL of state t+1; the last real token gets the score and no KL
+    want = torch.tensor([[-0.1, -0.2, 1.0], [-2.0, 0.0, 0.0]])
+    assert torch.allclose(got, want)

@@ -30,8 +30,10 @@ from prefopt.models.shared import SharedBase
 
 @dataclass
 class DPOConfig:
-    beta: float = field(default=0.1, metadata={"help": "KL strength beta (DPO paper: 0.1).", "positive": True})
-    loss_type: str = field(default="sigmoid", metadata={"help": f"One of {DPO_LOSS_TYPES}: DPO, IPO, SLiC hinge."})
+    beta: float = field(default=0.1, metadata={"help": "sigmoid: the KL strength beta (DPO paper: 0.1; optimum pi_ref exp(r/beta)); "
+                                                "ipo: tau (optimum pi_ref exp(p(y > mu)/tau)); hinge: 1/margin.", "positive": True})
+    loss_type: str = field(default="sigmoid", metadata={"help": f"One of {DPO_LOSS_TYPES}: DPO, IPO, SLiC hinge (each trained to its "
+                                                         "population optimum in tests/test_closed_form.py)."})
     label_smoothing: float = field(default=0.0, metadata={"help": "Conservative DPO: assumed label-flip rate in [0, 0.5)."})
     learning_rate: float = field(default=5e-4, metadata={"help": "AdamW learning rate for the LoRA adapter (LoRA takes ~10x a full fine-tune's rate).", "positive": True})
     lr_schedule: str = field(default="constant", metadata={"help": "'constant', or 'linear' decay to 0 over training."})
@@ -50,6 +52,9 @@ class DPOConfig:
             raise ValueError(f"DPOConfig.loss_type must be one of {DPO_LOSS_TYPES}, got {self.loss_type!r}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"DPOConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError(f"DPOConfig.label_smoothing applies to loss_type='sigmoid' only (conservative DPO); "
+                             f"with loss_type={self.loss_type!r} it would change nothing: leave it at 0")
 
 
     def needs_reward_model(self) -> bool:

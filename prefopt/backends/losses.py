@@ -178,6 +178,29 @@ def kl_penalised_rewards(
     return rewards
 
 
+def exact_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """KL(pi(.|s_t) || pi_ref(.|s_t)) over the whole vocabulary from log-probs: (B, T, V) each -> (B, T)."""
+    return (logp.exp() * (logp - ref_logp)).sum(-1)
+
+
+def future_kl_rewards(
+    scores: torch.Tensor, state_kl: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, kl_coef: float
+) -> torch.Tensor:
+    """Per-token reward when the exact KL is in the loss: the score at the last real token, and at each token
+    -beta * KL(next state), the exact KL of the distribution that the token's choice leads to. (B, R)
+
+    d/dθ E[sum_t KL(s_t)] = E[sum_t dKL(s_t)/dθ] (what the loss term gives) + E[sum_t ∇log pi(y_t|s_t) sum_{t'>t} KL(s_t')]
+    (how earlier tokens change later states: a policy-gradient term, which these rewards supply through the return).
+    """
+    m = mask.to(state_kl.dtype)
+    rewards = torch.zeros_like(state_kl)
+    rewards[:, :-1] = -kl_coef * (state_kl * m)[:, 1:]
+    rewards = rewards * m
+    last = (lengths - 1).clamp(min=0)
+    rewards[torch.arange(len(scores), device=rewards.device), last] += scores
+    return rewards
+
+
 def apply_eos_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty: float | None) -> torch.Tensor:
     """Responses that never ended get ``penalty`` as their score (N+ details); others keep theirs. (B,)"""
     if penalty is None:

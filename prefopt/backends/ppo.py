@@ -24,6 +24,7 @@ from accelerate import PartialState
 from accelerate.utils import reduce as all_reduce
 
 from prefopt.backends._common import (
+    LR_SCHEDULES,
     StepCallback,
     TrainData,
     adamw,
@@ -38,7 +39,9 @@ from prefopt.backends.losses import (
     KL_ESTIMATORS,
     KLController,
     apply_eos_penalty,
+    exact_kl,
     explained_variance,
+    future_kl_rewards,
     gae,
     kl_penalised_rewards,
     kl_per_token,
@@ -63,6 +66,13 @@ from prefopt.models.shared import SharedBase
 log = logging.getLogger("prefopt.ppo")
 
 KL_PLACEMENTS = ("reward", "loss")
+# Checked in tests/test_closed_form.py: the expected gradient of each combination against the exact gradient of
+# E[score] - beta KL(pi || pi_ref) on a two-token problem, and training to the closed-form optimum.
+REFUSED_ESTIMATORS = {
+    est: f"as a detached per-token reward only k1 gives a policy gradient equal to the KL's gradient ({est} moves the "
+         "optimum away from pi_ref*exp(r/beta): Tang & Munos 2025); use k1, or kl_in='loss' for the exact KL"
+    for est in ("k2", "k3")
+}
 CHECKPOINT_FILE = "ppo_state.pt"
 
 
@@ -74,11 +84,16 @@ class PPOConfig:
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches per minibatch (memory: mini_batch_size / grad_accum rows per forward).", "positive": True})
     ppo_epochs: int = field(default=4, metadata={"help": "Passes over each iteration's rollouts.", "positive": True})
     learning_rate: float = field(default=5e-4, metadata={"help": "AdamW learning rate (adapter + value head); the same LoRA rate as DPO.", "positive": True})
+    lr_schedule: str = field(default="constant", metadata={"help": "'constant', or 'linear': the rate of iteration i is "
+                                                           "learning_rate * (1 - (i-1)/steps) (annealing, as in cleanrl and trl's PPO)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm.", "positive": True})
     kl_coef: float = field(default=0.05, metadata={"help": "beta: weight of the KL penalty (initial value if kl_target is set)."})
-    kl_estimator: str = field(default="k1", metadata={"help": f"Per-token KL estimator in the reward, one of {KL_ESTIMATORS}."})
-    kl_in: str = field(default="reward", metadata={"help": "'reward': -kl_coef * kl_t in each token's reward (Ziegler et al. 2019); "
-                                                     "'loss': exact full-vocabulary KL(pi || pi_ref) per token added to the loss."})
+    kl_estimator: str = field(default="k1", metadata={"help": "Per-token KL estimator in the reward and in train/kl: 'k1' "
+                                                       "(k2 and k3 are refused: as rewards their gradient is not the KL's)."})
+    kl_in: str = field(default="reward", metadata={"help": "'reward': -kl_coef * k1_t in each token's reward (Ziegler et al. 2019); "
+                                                     "'loss': exact full-vocabulary KL(pi || pi_ref) of each sampled state in the "
+                                                     "loss, and the exact KL of the next state charged to each token's reward "
+                                                     "(the gradient through later states)."})
     kl_target: float | None = field(default=None, metadata={"help": "Adaptive KL controller target (sequence KL, nats); None = fixed kl_coef."})
     kl_horizon: int = field(default=10_000, metadata={"help": "Adaptive KL controller horizon (Ziegler et al.: 10000).", "positive": True})
     gamma: float = field(default=1.0, metadata={"help": "Discount (1.0 for RLHF: one episode per response)."})
@@ -106,10 +121,14 @@ class PPOConfig:
     def __post_init__(self):
         check_config(self)
         check_reward_source("PPOConfig", self.reward)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"PPOConfig.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"PPOConfig.kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
         if self.kl_in not in KL_PLACEMENTS:
             raise ValueError(f"PPOConfig.kl_in must be one of {KL_PLACEMENTS}, got {self.kl_in!r}")
+        if self.kl_estimator in REFUSED_ESTIMATORS:
+            raise ValueError(f"PPOConfig.kl_estimator={self.kl_estimator!r} is refused: {REFUSED_ESTIMATORS[self.kl_estimator]}")
         if self.kl_coef < 0:
             raise ValueError(f"PPOConfig.kl_coef must be >= 0, got {self.kl_coef}")
         if self.kl_target is not None and self.kl_target <= 0:
@@ -313,6 +332,9 @@ def train(
 
     for step in range(start, cfg.steps + 1):
         t0 = time.perf_counter()
+        lr = cfg.learning_rate * (1.0 - (step - 1) / cfg.steps if cfg.lr_schedule == "linear" else 1.0)
+        for group in opt.param_groups:  # a function of the step alone: nothing to checkpoint
+            group["lr"] = lr
         # 1. rollout: the next batch of prompts (reshuffled every pass over the prompt set); rank r takes the
         #    r-th slice, so `batch_size` is per process
         while len(order) < cfg.batch_size * world:
@@ -343,6 +365,7 @@ def train(
                 logits, old_values = roles.forward(lm, batch, cfg.temperature)
                 old_logprobs = gather_logprobs(logits, batch.response_ids)  # (B, R)
                 entropy = masked_mean(entropy_from_logits(logits), mask)
+                old_logp_full = torch.log_softmax(logits, -1) if cfg.kl_in == "loss" else None
                 del logits
             with roles.ref_base.reference() as lm:
                 ref_logits = response_logits(lm, hidden_states(lm, batch), batch, cfg.temperature)  # (B, R, V)
@@ -352,7 +375,15 @@ def train(
                 del ref_logits
             kl = kl_per_token(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask  # (B, R)
             beta = kl_ctl.value
-            rewards = kl_penalised_rewards(scores, kl, mask, lengths, beta if cfg.kl_in == "reward" else 0.0)
+            if cfg.kl_in == "reward":
+                rewards = kl_penalised_rewards(scores, kl, mask, lengths, beta)
+            else:
+                # the loss term differentiates each token's KL at the states sampled; how an action changes the
+                # KL of the states after it is a policy-gradient term: each action is charged the exact KL of
+                # the next state (and, through the return, of every later one)
+                state_kl = exact_kl(old_logp_full, ref_logp_full) * mask  # (B, R)
+                del old_logp_full
+                rewards = future_kl_rewards(scores, state_kl, mask, lengths, beta)
 
             # 4. advantages (GAE over response tokens) and value targets
             advantages, returns = gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
@@ -381,8 +412,7 @@ def train(
                         vf_loss, vf_clipfrac = ppo_value_loss(values, old_values[sub, :R], returns[sub, :R], m, cfg.vf_clip_range)
                         loss = pg_loss + cfg.vf_coef * vf_loss
                         if ref_logp_full is not None:  # exact KL(pi || pi_ref) per token, differentiable
-                            logp_full = torch.log_softmax(logits, -1)
-                            kl_exact = (logp_full.exp() * (logp_full - ref_logp_full[sub, :R])).sum(-1)  # (b, R)
+                            kl_exact = exact_kl(torch.log_softmax(logits, -1), ref_logp_full[sub, :R])  # (b, R)
                             # whitening divided the policy-gradient term by std(A); the KL term gets the same
                             # factor, else the effective coefficient becomes beta * std(A) and the optimum moves
                             loss = loss + beta * adv_scale * masked_mean(kl_exact, m)
@@ -408,6 +438,7 @@ def train(
             "train/kl": seq_kl,
             "train/kl_negative_frac": masked_mean((kl < 0).float(), mask).item(),
             "train/kl_coef": beta,
+            "train/lr": lr,
             "train/entropy": entropy.item(),
             "train/clipfrac": mean(stats["clipfrac"]),
             "train/approx_kl": mean(stats["approx_kl"]),
