@@ -161,7 +161,7 @@ def report(
         from prefopt.errors import RunError
         from prefopt.reports import console_table
         from prefopt.reports.compare import compare, matched_console, pooled_summary, write_comparison
-        from prefopt.reports.run import find_runs, load_run, read_marker
+        from prefopt.reports.run import being_written, find_runs, load_run, read_marker
 
         budgets = None
         if kl is not None:
@@ -176,15 +176,19 @@ def report(
             found, incomplete = find_runs(d)
             paths += found
             skipped += incomplete
+        running = [p for p in skipped if being_written(p)]
+        stale = len(skipped) - len(running)
+        skipped_note = ", ".join(x for x in (f"{len(running)} still being written by a running process" if running else "",
+                                             f"{stale} incomplete, left by stopped processes" if stale else "") if x)
         if not paths:
             raise RunError(f"no complete prefopt runs under {', '.join(map(str, dirs))}"
-                           + (f" ({len(skipped)} incomplete, from stopped processes)" if skipped else ""))
+                           + (f" ({skipped_note})" if skipped else ""))
         runs = [load_run(p, samples=False) for p in paths]
         unevaluated = [str(r["dir"]) for r in runs if not r["summary"]]
         if unevaluated:
             raise RunError(f"{unevaluated[0]}: trained but not evaluated: run `prefopt eval {unevaluated[0]}` first")
         if skipped:
-            err.log(f"skipped {len(skipped)} incomplete folder(s) left by stopped processes")
+            err.log(f"skipped {len(skipped)} folder(s) that are not results: {skipped_note}")
         single = len(runs) == 1
         cmp = compare(runs, budgets)
         if single:

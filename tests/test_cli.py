@@ -184,10 +184,15 @@ def test_killed_staging_folder_is_not_a_run_and_is_cleaned(tmp_path):
     stale = tmp_path / f"run.tmp-{host}-999999"
     stale.mkdir()
     (stale / "prefopt-run.json").write_text(json.dumps({"kind": "run", "complete": False}))
+    live = tmp_path / f"other.tmp-{host}-{os.getpid()}"  # this process is alive: a run being written, not a leftover
+    live.mkdir()
+    (live / "prefopt-run.json").write_text(json.dumps({"kind": "run", "complete": False}))
     res = runner.invoke(app, ["report", str(tmp_path)])
-    assert res.exit_code == 1 and "incomplete" in res.output
+    line = _one_error_line(res.output)
+    assert res.exit_code == 1 and "1 still being written by a running process" in line
+    assert "1 incomplete, left by stopped processes" in line
     assert runner.invoke(app, ["train", "--preset", "smoke", *_sets("policies=dpo"), "--out", str(tmp_path / "run")]).exit_code == 0
-    assert not stale.exists()
+    assert not stale.exists() and live.exists()
 
 
 def test_malformed_pairs_file_one_line_error_no_output(tmp_path):

@@ -154,6 +154,22 @@ def _host() -> str:
     return socket.gethostname().replace("-", "_") or "host"
 
 
+def _staging_owner(p: Path) -> tuple[str, int] | None:
+    """(host, pid) of a staging / swap folder named ``<name>.tmp-<host>-<pid>`` (or ``.old-``); None otherwise."""
+    stem, dot, tail = p.name.rpartition(".")
+    kind, _, rest = tail.partition("-")
+    host, _, pid = rest.rpartition("-")
+    if not dot or kind not in ("tmp", "old") or not pid.isdigit():
+        return None
+    return host, int(pid)
+
+
+def being_written(p: Path) -> bool:
+    """True for a staging folder whose process is still running on this host (not a leftover of a killed one)."""
+    owner = _staging_owner(Path(p))
+    return owner is not None and owner[0] == _host() and _pid_alive(owner[1])
+
+
 def clean_stale(parent: Path, name: str | None = None) -> list[Path]:
     """Remove staging / swap folders (``<name>.tmp-<host>-<pid>``, ``.old-``) whose process on this host is gone."""
     removed = []
@@ -161,12 +177,8 @@ def clean_stale(parent: Path, name: str | None = None) -> list[Path]:
         return removed
     pattern = f"{name}.*-*" if name else "*.*-*"
     for p in parent.glob(pattern):
-        stem, dot, tail = p.name.rpartition(".")
-        kind, _, rest = tail.partition("-")
-        if not dot or kind not in ("tmp", "old") or not p.is_dir():
-            continue
-        host, _, pid = rest.rpartition("-")
-        if host != _host() or not pid.isdigit() or _pid_alive(int(pid)):
+        owner = _staging_owner(p)
+        if owner is None or not p.is_dir() or owner[0] != _host() or _pid_alive(owner[1]):
             continue
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
