@@ -237,7 +237,7 @@ def plot_overoptimisation(variants: Mapping[str, Mapping[str, Any]], path: str |
         ax.set_ylabel(metric)
         ax.grid(True, alpha=0.3)
     axes[0].set_title("gold reward (what we want)")
-    axes[1].set_title("proxy reward (what the policy was trained on)")
+    axes[1].set_title("proxy reward (the reward model: what PPO optimises)")
     if labelled:
         axes[0].legend(loc="best", fontsize=8)
     out = Path(path)
