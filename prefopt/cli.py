@@ -81,32 +81,36 @@ def _print_result(result) -> None:
     out.print(f"run folder: {result.out_dir}\ntimings: {stages}{hits}", highlight=False, markup=False)
 
 
-def _train(preset, config, sets, out_dir, overwrite, cache, evaluate: bool) -> None:
+def _train(preset, config, sets, out_dir, overwrite, cache, evaluate: bool, skip_invalid: bool = False) -> None:
     with _user_errors():
         from prefopt.pipeline.bench import run
 
-        cfg = _load(preset, config, sets)
+        cfg = _load(preset, config, [*(sets or ()), *(["data.skip_invalid=true"] if skip_invalid else [])])
         result = run(cfg, out_dir, evaluate_policies=evaluate, cache_dir=cache, console=err, overwrite=overwrite,
                      extra_meta={"command": _command_line()})
     _print_result(result)
 
 
 OUT = typer.Option(None, "--out", help="Run folder (default runs/bench-<time>).")
+SKIP_INVALID = typer.Option(False, "--skip-invalid", help="Drop unusable rows of data files and report each kind "
+                            "(count, first lines) in the console and data_report.json, instead of stopping at the first.")
 CACHE = typer.Option(None, help="Reuse synthetic pairs and reward models from this folder across runs.")
 
 
 @app.command()
 def bench(preset: str = PRESET, config: Optional[Path] = CONFIG, set_: Optional[List[str]] = SET,
-          out_dir: Optional[Path] = OUT, overwrite: bool = OVERWRITE, cache: Optional[Path] = CACHE) -> None:
+          out_dir: Optional[Path] = OUT, overwrite: bool = OVERWRITE, cache: Optional[Path] = CACHE,
+          skip_invalid: bool = SKIP_INVALID) -> None:
     """Run the whole comparison: pairs -> reward model -> every policy -> held-out evaluation -> report."""
-    _train(preset, config, set_, out_dir, overwrite, cache, evaluate=True)
+    _train(preset, config, set_, out_dir, overwrite, cache, evaluate=True, skip_invalid=skip_invalid)
 
 
 @app.command()
 def train(preset: str = PRESET, config: Optional[Path] = CONFIG, set_: Optional[List[str]] = SET,
-          out_dir: Optional[Path] = OUT, overwrite: bool = OVERWRITE, cache: Optional[Path] = CACHE) -> None:
+          out_dir: Optional[Path] = OUT, overwrite: bool = OVERWRITE, cache: Optional[Path] = CACHE,
+          skip_invalid: bool = SKIP_INVALID) -> None:
     """Train every policy and save it (PEFT adapter folders), without the final evaluation (`prefopt eval` does it)."""
-    _train(preset, config, set_, out_dir, overwrite, cache, evaluate=False)
+    _train(preset, config, set_, out_dir, overwrite, cache, evaluate=False, skip_invalid=skip_invalid)
 
 
 @app.command("eval")

@@ -210,6 +210,34 @@ def test_malformed_pairs_file_one_line_error_no_output(tmp_path):
     assert not list(tmp_path.glob("run*"))
 
 
+def test_skip_invalid_trains_on_what_it_reports(tmp_path):
+    """--skip-invalid: bad rows are dropped, reported in the console and data_report.json, and the run trains
+    on exactly the rows it kept; strict, the same file stops the run with one line naming the first bad row."""
+    import gzip
+
+    rows = [json.dumps({"prompt": f"say {c}", "chosen": c * 3, "rejected": c.upper() * 3}) for c in "abcdefghijklmnop"]
+    rows[3] = '{"prompt": "x", "chosen": "y"}'          # line 4: missing field
+    rows[9] = '{"prompt": "x", "chosen": "y", "rej'     # line 10: invalid JSON
+    bad = tmp_path / "pairs.jsonl.gz"
+    bad.write_bytes(gzip.compress(("\n".join(rows) + "\n").encode()))
+    sets = _sets("policies=dpo", f"data.pairs={bad}", "data.n_eval=4")
+    res = runner.invoke(app, ["bench", "--preset", "smoke", *sets, "--out", str(tmp_path / "strict")])
+    assert res.exit_code == 1 and "pairs.jsonl.gz:4: field 'rejected' is missing" in _one_error_line(res.output)
+    assert not (tmp_path / "strict").exists()
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["bench", "--preset", "smoke", *sets, "--skip-invalid", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "kept 14 of 16 rows, dropped 2" in " ".join(res.output.split())
+    report = json.loads((out / "data_report.json").read_text())
+    assert report[0]["data"] == "pairs" and (report[0]["rows"], report[0]["kept"]) == (16, 14)
+    assert {k["kind"]: k["first"] for k in report[0]["kinds"]} == {"field 'rejected' is missing": ["line 4"],
+                                                                     "invalid JSON": ["line 10"]}
+    summary = json.loads((out / "summary.json").read_text())
+    trained = sum(1 for line in (out / "pairs.jsonl").read_text().splitlines() if line.strip())
+    assert trained == summary["meta"]["n_pairs"] == 14 - summary["meta"]["n_pairs_held_out"]
+    assert summary["meta"]["data_reports"] == report
+
+
 def test_bad_json_line_names_file_and_line(tmp_path):
     bad = tmp_path / "prompts.jsonl"
     bad.write_text('{"prompt": "a"}\n{"prompt": "b",\n')

@@ -560,3 +560,103 @@ def test_invalid_utf8_names_the_line_or_is_replaced_and_reported(tmp_path: Path,
         prompts = load_prompts(path, field="review", encoding_errors="replace")
     assert [p.prompt for p in prompts] == ["fine movie", "I\ufffd?m surprised", "ok"]
     assert "1 invalid UTF-8 byte sequence(s)" in caplog.text and "line(s): 3" in caplog.text
+
+
+# --------------------------------------------------------------------------- compressed files, strict and lenient
+
+PACKED_ROWS = [
+    {"prompt": "p1", "chosen": "good", "rejected": "bad", "margin": None},
+    {"prompt": "p2", "chosen": "yes", "rejected": "no", "margin": 1.5},
+]
+
+
+def _plain_files(tmp_path: Path) -> dict[str, Path]:
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_text("prompt,chosen,rejected\np1,good,bad\np3,fine,poor\n", encoding="utf-8")
+    json_path = tmp_path / "d.json"
+    json_path.write_text(json.dumps(PACKED_ROWS), encoding="utf-8")
+    return {"jsonl": write_jsonl(tmp_path / "d.jsonl", PACKED_ROWS), "json": json_path, "csv": csv_path,
+            "parquet": write_parquet(tmp_path / "d.parquet", PACKED_ROWS)}
+
+
+@pytest.mark.parametrize("ext", ["gz", "bz2", "xz"])
+def test_compressed_files_load_like_the_plain_ones(tmp_path: Path, ext: str) -> None:
+    import bz2
+    import gzip
+    import lzma
+
+    compress = {"gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}[ext]
+    for kind, plain in _plain_files(tmp_path).items():
+        packed = plain.with_name(plain.name + "." + ext)
+        packed.write_bytes(compress(plain.read_bytes()))
+        assert load_pairs(packed) == load_pairs(plain), kind
+
+
+def test_truncated_or_corrupt_archives_are_one_line_errors(tmp_path: Path) -> None:
+    import gzip
+
+    whole = gzip.compress(("".join(json.dumps(r) + "\n" for r in PACKED_ROWS * 50)).encode())
+    cut = tmp_path / "pairs.jsonl.gz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    message = data_error(load_pairs, cut)
+    assert message.startswith(f"{cut}: not a complete gz archive") and "truncated or corrupt" in message
+    junk = tmp_path / "junk.csv.gz"
+    junk.write_bytes(b"this is not gzip at all")
+    assert "not a complete gz archive" in data_error(load_pairs, junk)
+    other = tmp_path / "d.txt.gz"
+    other.write_bytes(gzip.compress(b"x"))
+    assert "unsupported file type '.txt.gz'" in data_error(load_pairs, other)
+
+
+def _mixed_file(tmp_path: Path) -> Path:
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(
+        '{"prompt": "a", "chosen": "b", "rejected": "c"}\n'
+        '{"prompt": "d", "chosen": "", "rejected": "f"}\n'         # 2: empty response
+        '{"prompt": "g", "chosen": "h"}\n'                         # 3: missing field
+        '{"prompt": "i", "chosen": "j", "rejected": "k"\n'         # 4: invalid JSON
+        '{"prompt": "l", "chosen": "", "rejected": "n"}\n'         # 5: empty response
+        '[1, 2]\n'                                                 # 6: not an object
+        '{"prompt": "o", "chosen": "p", "rejected": "q", "margin": "x"}\n'  # 7: bad margin
+        '{"prompt": "r", "chosen": "s", "rejected": "t"}\n',
+        encoding="utf-8",
+    )
+    return path
+
+
+def test_strict_loading_stops_at_the_first_bad_row_in_file_order(tmp_path: Path) -> None:
+    # line 2 is reported, not line 4's parse error, although parsing comes before the row checks
+    assert data_error(load_pairs, _mixed_file(tmp_path)).startswith(f"{tmp_path / 'mixed.jsonl'}:2: field 'chosen' is empty")
+
+
+def test_skip_invalid_drops_and_reports_every_kind(tmp_path: Path) -> None:
+    from prefopt.data.io import read_pairs
+
+    pairs, report = read_pairs(_mixed_file(tmp_path), skip_invalid=True)
+    assert [p.prompt for p in pairs] == ["a", "r"]
+    assert (report.rows, report.kept, report.n_dropped) == (8, 2, 6)
+    d = report.to_dict()
+    assert [(k["kind"], k["count"], k["first"]) for k in d["kinds"]] == [
+        ("field 'chosen' is empty", 2, ["line 2", "line 5"]),
+        ("expected a JSON object with named fields", 1, ["line 6"]),
+        ("field 'margin' must be a finite number", 1, ["line 7"]),
+        ("field 'rejected' is missing", 1, ["line 3"]),
+        ("invalid JSON", 1, ["line 4"]),
+    ]
+    line = report.line()
+    assert "\n" not in line and line.startswith(f"{tmp_path / 'mixed.jsonl'}: kept 2 of 8 rows, dropped 6: ")
+    assert "2 × field 'chosen' is empty (line 2, line 5)" in line
+
+
+def test_skip_invalid_with_nothing_left_is_an_error_and_prompts_are_lenient_too(tmp_path: Path) -> None:
+    from prefopt.data.io import read_prompts
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": ""}, {"text": "x"}])
+    message = data_error(load_pairs, bad, skip_invalid=True)
+    assert "kept 0 of 2 rows" in message and "no usable row is left" in message
+    csv_path = tmp_path / "p.csv"
+    csv_path.write_text("prompt,other\nfirst,1\nsecond\n,3\nthird,4\n", encoding="utf-8")
+    prompts, report = read_prompts(csv_path, skip_invalid=True)
+    assert [p.prompt for p in prompts] == ["first", "third"]
+    assert [(k["kind"], k["first"]) for k in report.to_dict()["kinds"]] == [
+        ("field 'prompt' is empty", ["line 4"]), ("row has 1 cells but the header has 2", ["line 3"])]

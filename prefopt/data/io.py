@@ -13,16 +13,21 @@ hub dataset or a parquet file is actually read, to keep ``import prefopt.data`` 
 
 from __future__ import annotations
 
+import bz2
 import csv
+import gzip
 import html
 import io
 import json
 import logging
+import lzma
 import math
 import os
 import random
 import re
+import zlib
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,9 @@ from prefopt.data.records import DataError, Message, PreferencePair, Prompt, Pro
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 """Local file types understood by the loaders (matched case-insensitively)."""
+
+COMPRESSIONS = {".gz": gzip.decompress, ".bz2": bz2.decompress, ".xz": lzma.decompress}
+"""Compressed files (``data.jsonl.gz``, ``train.csv.xz``...) are read whole and decompressed in memory."""
 
 ASSISTANT_MARKER = "\n\nAssistant:"
 """Turn marker of Anthropic-HH-style transcripts; the prompt ends with the last shared one."""
@@ -40,17 +48,73 @@ _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 _HTML_TAG = re.compile(r"<[^>]*>")
 
 Row = dict[str, Any]
-Located = tuple[str, Row]
-"""A row with its location prefix for error messages, e.g. ``"data.jsonl:7"``."""
+Located = tuple[str, "Row | DataError"]
+"""A row with its location prefix for error messages, e.g. ``"data.jsonl:7"``; a line that could not be parsed
+into a row carries its DataError instead, so strict loading stops at the first bad row in file order and lenient
+loading can drop it."""
 
 
 # --------------------------------------------------------------------------- public API
 
 
+@dataclass
+class DropReport:
+    """What a lenient load dropped: per kind of problem, how many rows and where the first ones are."""
+
+    source: str
+    rows: int = 0
+    dropped: dict[str, list[str]] = field(default_factory=dict)  # kind -> locations (all of them, in file order)
+
+    @property
+    def n_dropped(self) -> int:
+        return sum(len(v) for v in self.dropped.values())
+
+    @property
+    def kept(self) -> int:
+        return self.rows - self.n_dropped
+
+    def add(self, loc: str, error: DataError) -> None:
+        kind, where = _error_kind(str(error), loc)
+        self.dropped.setdefault(kind, []).append(where)
+
+    def line(self, first: int = 3) -> str:
+        """One line for the console: kept/total, then each kind with its count and first locations."""
+        if not self.dropped:
+            return f"{self.source}: kept all {self.rows} rows"
+        kinds = sorted(self.dropped.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+        parts = [f"{len(locs)} × {kind} ({', '.join(locs[:first])}{', ...' if len(locs) > first else ''})"
+                 for kind, locs in kinds]
+        return f"{self.source}: kept {self.kept} of {self.rows} rows, dropped {self.n_dropped}: " + "; ".join(parts)
+
+    def to_dict(self, first: int = 20) -> dict[str, Any]:
+        return {"source": self.source, "rows": self.rows, "kept": self.kept, "dropped": self.n_dropped,
+                "kinds": [{"kind": k, "count": len(v), "first": v[:first]} for k, v in
+                          sorted(self.dropped.items(), key=lambda kv: (-len(kv[1]), kv[0]))]}
+
+
+def _error_kind(message: str, loc: str) -> tuple[str, str]:
+    """(kind, short location) of a row error: the message's first clause without the values that vary."""
+    rest = message[len(loc) + 2:] if message.startswith(loc + ": ") else message
+    kind = re.split(r": | \(|, got ", rest, maxsplit=1)[0]
+    where = loc[len(loc.split(":")[0]) + 1:] if ":" in loc and loc.rsplit(":", 1)[-1].isdigit() else loc
+    if where.isdigit():
+        where = f"line {where}"
+    elif " row " in where:
+        where = "row " + where.rsplit(" row ", 1)[1]
+    return kind, where
+
+
+def read_pairs(
+    source: str | os.PathLike[str], *, split: str = "train", encoding_errors: str = "strict", skip_invalid: bool = False
+) -> tuple[list[PreferencePair], DropReport]:
+    """:func:`load_pairs` with the report of what was dropped (``skip_invalid``; empty when strict)."""
+    return _adapt(_read_rows(source, split, encoding_errors), _pair_from_row, skip_invalid, source)
+
+
 def load_pairs(
-    source: str | os.PathLike[str], *, split: str = "train", encoding_errors: str = "strict"
+    source: str | os.PathLike[str], *, split: str = "train", encoding_errors: str = "strict", skip_invalid: bool = False
 ) -> list[PreferencePair]:
-    """Load preference pairs from a .jsonl/.json/.csv/.parquet file or a hub dataset name.
+    """Load preference pairs from a .jsonl/.json/.csv/.parquet file (optionally .gz/.bz2/.xz) or a hub dataset name.
 
     Accepted row shapes (decided per row by its keys):
 
@@ -61,12 +125,17 @@ def load_pairs(
       two message lists that differ only in the final assistant message.
 
     An optional numeric ``margin`` becomes :attr:`PreferencePair.margin`; every other column is
-    kept in ``meta``.  ``split`` only matters for hub datasets.
+    kept in ``meta``.  ``split`` only matters for hub datasets.  Strict (default): the first bad
+    row raises its one-line :class:`DataError`. ``skip_invalid``: bad rows are dropped and the
+    drop report is logged (use :func:`read_pairs` to get it).
     """
-    return [_pair_from_row(row, loc) for loc, row in _read_rows(source, split, encoding_errors)]
+    pairs, report = read_pairs(source, split=split, encoding_errors=encoding_errors, skip_invalid=skip_invalid)
+    if report.dropped:
+        log.warning(report.line())
+    return pairs
 
 
-def load_prompts(
+def read_prompts(
     source: str | os.PathLike[str],
     *,
     split: str = "train",
@@ -74,23 +143,17 @@ def load_prompts(
     prefix_words: tuple[int, int] | None = None,
     seed: int = 0,
     encoding_errors: str = "strict",
-) -> list[PromptRecord]:
-    """Load prompts from a file or hub dataset (same sources as :func:`load_pairs`).
-
-    The prompt is read from column ``field`` (default ``"prompt"``).  With
-    ``prefix_words=(lo, hi)`` the column is treated as a text corpus instead, as in the DPO
-    paper's IMDb task: HTML tags are stripped, whitespace collapsed, and the prompt is the first
-    ``n`` words with ``n ~ Uniform{lo..hi}`` drawn from one ``random.Random(seed)`` per row in
-    file order, so the same seed always yields the same prompts.  Other columns go to ``meta``.
-    """
+    skip_invalid: bool = False,
+) -> tuple[list[PromptRecord], DropReport]:
+    """:func:`load_prompts` with the report of what was dropped (``skip_invalid``; empty when strict)."""
     if prefix_words is not None:
         lo, hi = prefix_words
         if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
             raise ValueError(f"prefix_words must be (lo, hi) with 1 <= lo <= hi, got {prefix_words!r}")
     name = field or "prompt"
     rng = random.Random(seed)
-    records: list[PromptRecord] = []
-    for loc, row in _read_rows(source, split, encoding_errors):
+
+    def adapt(row: Row, loc: str) -> PromptRecord:
         if row.get(name) is None:
             columns = ", ".join(str(key) for key in row) or "none"
             raise DataError(
@@ -104,8 +167,53 @@ def load_prompts(
             prompt: Prompt = _prompt(row[name], name, loc)
         else:
             prompt = _text_prefix(row[name], name, loc, prefix_words, rng)
-        records.append(PromptRecord(prompt=prompt, meta=meta))
-    return records
+        return PromptRecord(prompt=prompt, meta=meta)
+
+    return _adapt(_read_rows(source, split, encoding_errors), adapt, skip_invalid, source)
+
+
+def load_prompts(
+    source: str | os.PathLike[str],
+    *,
+    split: str = "train",
+    field: str | None = None,
+    prefix_words: tuple[int, int] | None = None,
+    seed: int = 0,
+    encoding_errors: str = "strict",
+    skip_invalid: bool = False,
+) -> list[PromptRecord]:
+    """Load prompts from a file or hub dataset (same sources as :func:`load_pairs`).
+
+    The prompt is read from column ``field`` (default ``"prompt"``).  With
+    ``prefix_words=(lo, hi)`` the column is treated as a text corpus instead, as in the DPO
+    paper's IMDb task: HTML tags are stripped, whitespace collapsed, and the prompt is the first
+    ``n`` words with ``n ~ Uniform{lo..hi}`` drawn from one ``random.Random(seed)`` per row in
+    file order, so the same seed always yields the same prompts.  Other columns go to ``meta``.
+    """
+    prompts, report = read_prompts(source, split=split, field=field, prefix_words=prefix_words, seed=seed,
+                                   encoding_errors=encoding_errors, skip_invalid=skip_invalid)
+    if report.dropped:
+        log.warning(report.line())
+    return prompts
+
+
+def _adapt(rows: list[Located], adapter, skip_invalid: bool, source) -> tuple[list, DropReport]:
+    """Adapt rows in file order. Strict: the first bad row (unparseable or unusable) raises. Lenient: it is
+    dropped and counted; a source with no usable row at all still raises."""
+    report = DropReport(os.fspath(source), rows=len(rows))
+    out = []
+    for loc, row in rows:
+        try:
+            if isinstance(row, DataError):  # a line that could not be parsed into a row
+                raise row
+            out.append(adapter(row, loc))
+        except DataError as exc:
+            if not skip_invalid:
+                raise
+            report.add(loc, exc)
+    if not out:
+        raise DataError(f"{report.line()}: no usable row is left: fix the file")
+    return out, report
 
 
 def pair_to_row(pair: PreferencePair) -> Row:
@@ -144,11 +252,12 @@ def _read_rows(source: str | os.PathLike[str], split: str, encoding_errors: str 
         rows = _hub_rows(label, split)
         where = f"dataset '{label}' (split '{split}')"
     else:
-        suffix = path.suffix.lower()
+        suffix = _data_suffix(path)
+        raw = _read_bytes(path, label)
         if suffix == ".parquet":
-            rows = _parquet_rows(path, label)
+            rows = _parquet_rows(raw, label)
         else:
-            text = _read_text(path, label, encoding_errors)
+            text = _decode_text(raw, label, encoding_errors)
             if suffix == ".csv":
                 rows = _csv_rows(text, label)
             elif suffix == ".json" and text.lstrip().startswith("["):
@@ -174,21 +283,24 @@ def _local_path(source: str | os.PathLike[str]) -> Path | None:
     if path.exists():
         if path.is_dir():
             raise DataError(f"{text}: is a directory: pass a .jsonl/.json/.csv/.parquet file")
-        if path.suffix.lower() not in SUFFIXES:
+        if _data_suffix(path) not in SUFFIXES:
             raise DataError(
-                f"{text}: unsupported file type '{path.suffix}': use .jsonl, .json, .csv or .parquet"
+                f"{text}: unsupported file type '{_shown_suffix(path)}': use .jsonl, .json, "
+                ".csv or .parquet, optionally compressed (.gz, .bz2, .xz)"
             )
         return path
     looks_like_path = (
         not isinstance(source, str)
-        or path.suffix.lower() in SUFFIXES
+        or _data_suffix(path) in SUFFIXES
+        or path.suffix.lower() in COMPRESSIONS
         or text.startswith((".", "/", "~"))
         or "\\" in text
         or text.count("/") > 1
         or not _HUB_ID.match(text)
     )
     if looks_like_path:
-        raise DataError(f"{text}: file not found: check the path (supported: .jsonl, .json, .csv, .parquet)")
+        raise DataError(f"{text}: file not found: check the path (supported: .jsonl, .json, .csv, .parquet, "
+                        "optionally .gz/.bz2/.xz)")
     return None
 
 
@@ -210,15 +322,45 @@ ENCODING_ERRORS = ("strict", "replace")
 log = logging.getLogger("prefopt.data")
 
 
-def _read_text(path: Path, label: str, errors: str = "strict") -> str:
-    """Read a UTF-8 text file (a leading BOM, as Excel writes, is dropped).
+def _data_suffix(path: Path) -> str:
+    """The data format's suffix, under a compression suffix if there is one: 'a.jsonl.gz' -> '.jsonl'."""
+    suffixes = [x.lower() for x in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
+
+
+def _shown_suffix(path: Path) -> str:
+    compressed = path.suffix.lower() in COMPRESSIONS and len(path.suffixes) > 1
+    return "".join(path.suffixes[-2:]) if compressed else (path.suffix or path.name)
+
+
+def _read_bytes(path: Path, label: str) -> bytes:
+    """The file's bytes, decompressed when it ends in .gz/.bz2/.xz (a truncated or corrupt archive is one line)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{label}: cannot read the file ({exc.strerror or exc}): check its permissions") from None
+    decompress = COMPRESSIONS.get(path.suffix.lower())
+    if decompress is None:
+        return raw
+    try:
+        return decompress(raw)
+    except (EOFError, OSError, zlib.error, lzma.LZMAError, ValueError) as exc:
+        raise DataError(
+            f"{label}: not a complete {path.suffix.lower()[1:]} archive ({_one_line(exc)}): the file is truncated or "
+            "corrupt; download or compress it again"
+        ) from None
+
+
+def _decode_text(raw: bytes, label: str, errors: str = "strict") -> str:
+    """Decode UTF-8 (a leading BOM, as Excel writes, is dropped).
 
     ``errors="strict"`` refuses invalid UTF-8 with the line of the first bad byte; ``"replace"`` turns each invalid
     byte sequence into U+FFFD and logs how many and on which lines (nothing is dropped silently).
     """
     if errors not in ENCODING_ERRORS:
         raise ValueError(f"encoding_errors must be one of {ENCODING_ERRORS}, got {errors!r}")
-    raw = path.read_bytes()
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -246,12 +388,11 @@ def _jsonl_rows(text: str, label: str) -> list[Located]:
             continue
         loc = f"{label}:{lineno}"
         try:
-            obj = json.loads(line)
+            rows.append((loc, _as_object(json.loads(line), loc)))
         except json.JSONDecodeError as exc:
-            raise DataError(
-                f"{loc}: invalid JSON ({exc.msg} at column {exc.colno}): fix or remove the line"
-            ) from exc
-        rows.append((loc, _as_object(obj, loc)))
+            rows.append((loc, DataError(f"{loc}: invalid JSON ({exc.msg} at column {exc.colno}): fix or remove the line")))
+        except DataError as exc:
+            rows.append((loc, exc))
     return rows
 
 
@@ -263,7 +404,16 @@ def _json_array_rows(text: str, label: str) -> list[Located]:
         raise DataError(
             f"{label}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno}): fix the file"
         ) from exc
-    return [(f"{label} row {i}", _as_object(obj, f"{label} row {i}")) for i, obj in enumerate(items, 1)]
+    if not isinstance(items, list):
+        raise DataError(f"{label}: expected a JSON array of objects or JSON lines, got {type(items).__name__}")
+    rows: list[Located] = []
+    for i, obj in enumerate(items, 1):
+        loc = f"{label} row {i}"
+        try:
+            rows.append((loc, _as_object(obj, loc)))
+        except DataError as exc:
+            rows.append((loc, exc))
+    return rows
 
 
 def _as_object(obj: Any, loc: str) -> Row:
@@ -297,10 +447,11 @@ def _csv_rows(text: str, label: str) -> list[Located]:
             continue
         loc = f"{label}:{start}"
         if len(cells) != len(header):
-            raise DataError(
+            rows.append((loc, DataError(
                 f"{loc}: row has {len(cells)} cells but the header has {len(header)} "
                 f"({', '.join(header)}): fix the quoting or the row"
-            )
+            )))
+            continue
         row: Row = dict(zip(header, cells, strict=True))
         if "margin" in row:
             row["margin"] = _csv_number(row["margin"])
@@ -318,12 +469,12 @@ def _csv_number(cell: str) -> float | str | None:
         return cell
 
 
-def _parquet_rows(path: Path, label: str) -> list[Located]:
+def _parquet_rows(raw: bytes, label: str) -> list[Located]:
     """Read a parquet file into plain Python rows (``to_pylist`` avoids numpy scalars/arrays)."""
     try:
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        table = pq.read_table(io.BytesIO(raw))
     except Exception as exc:  # corrupt file, wrong format, missing pyarrow
         raise DataError(f"{label}: could not read parquet ({_one_line(exc)}): check the file") from exc
     return [(f"{label} row {i}", row) for i, row in enumerate(table.to_pylist(), 1)]

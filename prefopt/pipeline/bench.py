@@ -16,7 +16,7 @@ import platform
 import subprocess
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from prefopt import config as C
 from prefopt.backends import BACKENDS
 from prefopt.backends import rm as rm_backend
 from prefopt.backends._common import TrainData
-from prefopt.data.io import load_pairs, load_prompts, write_pairs, write_prompts
+from prefopt.data.io import load_pairs, read_pairs, read_prompts, write_pairs, write_prompts
 from prefopt.data.judges import Judge, load_judge
 from prefopt.data.records import PreferencePair, PromptRecord, prompt_key
 from prefopt.data.split import holdout_pairs, prompts_from_pairs, split_prompts
@@ -143,18 +143,24 @@ class Inputs:
     held_out: int
     policies: dict[str, Policy]
     text_rewards: dict[str, object]  # 'hf:..' / 'py:..' reward sources, loaded once
+    data_reports: list[dict] = field(default_factory=list)  # per data file: rows read, kept, dropped by kind
 
 
 def load_inputs(cfg: BenchConfig) -> Inputs:
     """Read and validate every input before any compute (bad input fails fast, nothing written)."""
     d = cfg.data
     resolve_model(cfg.model)  # a missing local model file fails here, not after minutes of work
-    pairs = load_pairs(d.pairs, encoding_errors=d.encoding_errors) if d.pairs else None
+    reports = []
+    pairs = None
+    if d.pairs:
+        pairs, report = read_pairs(d.pairs, encoding_errors=d.encoding_errors, skip_invalid=d.skip_invalid)
+        reports.append({"data": "pairs", **report.to_dict(), "line": report.line()})
     if d.prompts == EMBEDDED_PROMPTS:
         prompts = prompts_from_pairs(pairs) if pairs is not None else sentiment_prompts()
     else:
-        prompts = load_prompts(d.prompts, field=d.prompt_field, prefix_words=d.prefix_words, seed=d.split_seed,
-                               encoding_errors=d.encoding_errors)
+        prompts, report = read_prompts(d.prompts, field=d.prompt_field, prefix_words=d.prefix_words, seed=d.split_seed,
+                                       encoding_errors=d.encoding_errors, skip_invalid=d.skip_invalid)
+        reports.append({"data": "prompts", **report.to_dict(), "line": report.line()})
     judge = load_judge(cfg.judge)
     split = split_prompts(prompts, n_eval=d.n_eval, n_train=d.n_train, seed=d.split_seed)
     held_out = 0
@@ -170,7 +176,7 @@ def load_inputs(cfg: BenchConfig) -> Inputs:
             text_rewards[spec] = SequenceClassifierReward.load(spec[3:])
         else:
             text_rewards[spec] = load_judge(spec)  # py:module:function
-    return Inputs(prompts, pairs, judge, split.train, split.eval, held_out, policies, text_rewards)
+    return Inputs(prompts, pairs, judge, split.train, split.eval, held_out, policies, text_rewards, reports)
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -267,6 +273,9 @@ def run(
     folder = RunFolder.create(out, kind="run", overwrite=overwrite)
     try:
         inputs = load_inputs(cfg)
+        for report in inputs.data_reports:
+            if report["dropped"]:  # --skip-invalid: what was left out, before anything trains on the rest
+                stages.console.log(f"skipped invalid rows: {report['line']}", highlight=False, markup=False)
         return _run(cfg, inputs, folder, stages, evaluate_policies, StageCache(cache_dir), t_start, extra_meta or {})
     except BaseException:
         folder.abort()
@@ -372,8 +381,10 @@ def _run(cfg: BenchConfig, inputs: Inputs, folder: RunFolder, stages: Stages, ev
         "timings_s": timings, "cache_hits": hits, "n_train_prompts": len(inputs.train),
         "n_eval_prompts": len(inputs.eval), "n_pairs": len(train_pairs), "n_pairs_held_out": inputs.held_out,
         "n_held_out_eval_pairs": n_pairs_eval, "rm_score_offset": rm.offset if rm is not None else None,
-        "created": datetime.now().isoformat(timespec="seconds"), **extra_meta,
+        "data_reports": inputs.data_reports, "created": datetime.now().isoformat(timespec="seconds"), **extra_meta,
     }
+    if inputs.data_reports:  # what was read from each data file and what was dropped: a run trains on nothing unreported
+        folder.write_json(FILES["data_report"], inputs.data_reports)
     extra = {"eval_settings": eval_settings(cfg, inputs.eval), "metric_versions": metric_versions(),
              "policy_info": policy_info, "backends": list(BACKENDS)}
     fill_run(folder, config=C.to_dict(cfg), metrics=stages.metrics, summary=summary, samples=samples, meta=meta,

@@ -37,6 +37,9 @@ class DataConfig:
     pairs: str | None = field(default=None, metadata={"help": "Preference pairs file/dataset; if unset, pairs are synthesised from the reference policy."})
     encoding_errors: str = field(default="strict", metadata={"help": "Invalid UTF-8 in data files: 'strict' stops with the line; 'replace' reads "
                                                              "bad bytes as U+FFFD and reports how many on which lines."})
+    skip_invalid: bool = field(default=False, metadata={"help": "Drop rows of data files that cannot be used (each kind counted, "
+                                                        "the first locations named, in the console and the run folder's "
+                                                        "data_report.json) instead of stopping at the first one."})
     n_eval: int = field(default=128, metadata={"help": "Held-out evaluation prompts."})
     n_train: int | None = field(default=128, metadata={"help": "Training prompts (synthetic pairs and online methods); None = all the rest."})
     split_seed: int = field(default=0, metadata={"help": "Seed of the train/eval prompt split; fixed across master seeds so every run of a "

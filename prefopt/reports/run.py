@@ -71,6 +71,7 @@ FILES: dict[str, str] = {
     "samples_md": "samples.md",
     "samples_csv": "samples.csv",
     "reward_kl": "reward_kl.png",
+    "data_report": "data_report.json",
 }
 
 
