@@ -660,3 +660,62 @@ def test_skip_invalid_with_nothing_left_is_an_error_and_prompts_are_lenient_too(
     assert [p.prompt for p in prompts] == ["first", "third"]
     assert [(k["kind"], k["first"]) for k in report.to_dict()["kinds"]] == [
         ("field 'prompt' is empty", ["line 4"]), ("row has 1 cells but the header has 2", ["line 3"])]
+
+
+# --------------------------------------------------------------------------- scored and ranked answers -> pairs
+
+
+def test_stack_exchange_score_rule_hand_worked() -> None:
+    from prefopt.data.io import stack_exchange_score
+
+    # round(log2(1 + upvotes)) (+1 if accepted); negative votes -> -1
+    assert [stack_exchange_score(v, False) for v in (0, 1, 2, 3, 6, 7, 100)] == [0, 1, 2, 2, 3, 3, 7]
+    assert stack_exchange_score(3, True) == 3 and stack_exchange_score(0, True) == 1
+    assert stack_exchange_score(-2, True) == -1 and stack_exchange_score(-1, False) == -1
+
+
+def test_stack_exchange_answers_become_pairs_by_the_rule(tmp_path: Path) -> None:
+    from prefopt.data.io import read_pairs
+
+    row = {"question": "How do I sort a dict?", "qid": 7, "answers": [
+        {"text": "A: sorted(d.items())", "upvotes": 6, "accepted": True},   # 3 + 1 = 4
+        {"text": "B: use a loop", "upvotes": 3},                          # 2
+        {"text": "C: d.sort()", "upvotes": -2},                           # -1
+        {"text": "D: collections.OrderedDict", "upvotes": 2},             # 2 (ties with B)
+    ]}
+    pairs, report = read_pairs(write_jsonl(tmp_path / "se.jsonl", [row]))
+    got = [(p.chosen[0], p.rejected[0], p.meta["chosen_score"], p.meta["rejected_score"]) for p in pairs]
+    # largest score gap first; B and D tie (2 = 2) and give no pair
+    # gaps A-C 5, B-C 3, D-C 3, A-B 2, A-D 2 (equal gaps in answer order)
+    assert got == [("A", "C", 4, -1), ("B", "C", 2, -1), ("D", "C", 2, -1), ("A", "B", 4, 2), ("A", "D", 4, 2)]
+    assert all(p.prompt == "How do I sort a dict?" and p.meta["qid"] == 7 and p.margin is None for p in pairs)
+    assert report.formats == {"stack-exchange answers": 1} and report.notes == {"tied pairs dropped": 1}
+    assert "stack-exchange answers (1 rows) -> 5 records; 1 tied pairs dropped" in report.format_line()
+
+
+def test_stack_exchange_at_most_ten_pairs_and_precomputed_scores(tmp_path: Path) -> None:
+    from prefopt.data.io import read_pairs
+
+    answers = [{"text": f"answer {i}", "pm_score": i} for i in range(6)]  # 15 pairs, all different scores
+    pairs, report = read_pairs(write_jsonl(tmp_path / "se.jsonl", [{"question": "q", "answers": answers}]))
+    assert len(pairs) == 10 and report.notes == {"pairs over the limit of 10 per prompt dropped": 5}
+    gaps = [p.meta["chosen_score"] - p.meta["rejected_score"] for p in pairs]
+    assert gaps == sorted(gaps, reverse=True) and gaps[0] == 5 and min(gaps) == 2  # the 5 gap-1 pairs are dropped
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answers": [{"text": "a", "upvotes": "many"}]}])
+    assert "bad.jsonl:1: field 'answers' item 1 needs numeric 'upvotes'" in data_error(load_pairs, bad)
+
+
+def test_ranked_responses_become_every_pair_that_differs(tmp_path: Path) -> None:
+    from prefopt.data.io import read_pairs
+
+    rows = [{"prompt": "p", "responses": ["x", "y", "z"], "ranks": [2, 1, 3]},
+            {"prompt": "q", "responses": ["u", "v", "w"], "scores": [0.5, 0.5, 0.9]}]
+    pairs, report = read_pairs(write_jsonl(tmp_path / "ranked.jsonl", rows))
+    by_prompt = {}
+    for p in pairs:
+        by_prompt.setdefault(p.prompt, []).append((p.chosen, p.rejected))
+    assert by_prompt["p"] == [("y", "z"), ("y", "x"), ("x", "z")]  # rank gaps 2, 1, 1 (equal gaps: file order)
+    assert by_prompt["q"] == [("w", "u"), ("w", "v")]              # u and v tie: no pair
+    assert report.notes == {"tied pairs dropped": 1} and report.formats == {"ranked responses": 2}
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "responses": ["a", "b"], "scores": [1]}])
+    assert "field 'scores' must be 2 finite numbers" in data_error(load_pairs, bad)

@@ -64,6 +64,16 @@ class DropReport:
     source: str
     rows: int = 0
     dropped: dict[str, list[str]] = field(default_factory=dict)  # kind -> locations (all of them, in file order)
+    formats: dict[str, int] = field(default_factory=dict)  # detected row format -> rows
+    notes: dict[str, int] = field(default_factory=dict)  # what a format's rule left out on purpose (e.g. tied answers)
+    records: int = 0  # records made (a row of ranked answers gives several pairs)
+
+    def saw(self, fmt: str) -> None:
+        self.formats[fmt] = self.formats.get(fmt, 0) + 1
+
+    def note(self, what: str, n: int = 1) -> None:
+        if n:
+            self.notes[what] = self.notes.get(what, 0) + n
 
     @property
     def n_dropped(self) -> int:
@@ -77,6 +87,13 @@ class DropReport:
         kind, where = _error_kind(str(error), loc)
         self.dropped.setdefault(kind, []).append(where)
 
+    def format_line(self) -> str:
+        """The detected format(s) and what their rules left out, e.g. 'stack-exchange answers (2 rows -> 7 pairs;
+        3 tied answer pairs dropped)'."""
+        fmts = ", ".join(f"{k} ({v} rows)" for k, v in sorted(self.formats.items(), key=lambda kv: -kv[1]))
+        notes = "; ".join(f"{v} {k}" for k, v in self.notes.items())
+        return f"{self.source}: {fmts or 'no rows'} -> {self.records} records" + (f"; {notes}" if notes else "")
+
     def line(self, first: int = 3) -> str:
         """One line for the console: kept/total, then each kind with its count and first locations."""
         if not self.dropped:
@@ -88,6 +105,7 @@ class DropReport:
 
     def to_dict(self, first: int = 20) -> dict[str, Any]:
         return {"source": self.source, "rows": self.rows, "kept": self.kept, "dropped": self.n_dropped,
+                "records": self.records, "formats": dict(self.formats), "notes": dict(self.notes),
                 "kinds": [{"kind": k, "count": len(v), "first": v[:first]} for k, v in
                           sorted(self.dropped.items(), key=lambda kv: (-len(kv[1]), kv[0]))]}
 
@@ -153,7 +171,7 @@ def read_prompts(
     name = field or "prompt"
     rng = random.Random(seed)
 
-    def adapt(row: Row, loc: str) -> PromptRecord:
+    def adapt(row: Row, loc: str, report: DropReport) -> list[PromptRecord]:
         if row.get(name) is None:
             columns = ", ".join(str(key) for key in row) or "none"
             raise DataError(
@@ -167,7 +185,8 @@ def read_prompts(
             prompt: Prompt = _prompt(row[name], name, loc)
         else:
             prompt = _text_prefix(row[name], name, loc, prefix_words, rng)
-        return PromptRecord(prompt=prompt, meta=meta)
+        report.saw("text prefixes" if prefix_words is not None else "prompts")
+        return [PromptRecord(prompt=prompt, meta=meta)]
 
     return _adapt(_read_rows(source, split, encoding_errors), adapt, skip_invalid, source)
 
@@ -206,13 +225,16 @@ def _adapt(rows: list[Located], adapter, skip_invalid: bool, source) -> tuple[li
         try:
             if isinstance(row, DataError):  # a line that could not be parsed into a row
                 raise row
-            out.append(adapter(row, loc))
+            out += adapter(row, loc, report)
         except DataError as exc:
             if not skip_invalid:
                 raise
             report.add(loc, exc)
     if not out:
+        if report.notes and not report.dropped:
+            raise DataError(f"{report.format_line()}: no record is left: check the rows")
         raise DataError(f"{report.line()}: no usable row is left: fix the file")
+    report.records = len(out)
     return out, report
 
 
@@ -483,11 +505,105 @@ def _parquet_rows(raw: bytes, label: str) -> list[Located]:
 # --------------------------------------------------------------------------- pair adapters
 
 
-def _pair_from_row(row: Row, loc: str) -> PreferencePair:
-    """Pick the adapter for one row from its keys."""
+MAX_PAIRS_PER_QUESTION = 10
+"""StackLLaMA: at most ten pairs of answers per question."""
+
+
+def _pair_from_row(row: Row, loc: str, report: DropReport) -> list[PreferencePair]:
+    """Pick the adapter for one row from its keys (the format is counted in the report)."""
+    if "answers" in row and "chosen" not in row:
+        report.saw("stack-exchange answers")
+        return _answer_pairs(row, loc, report)
+    if "responses" in row and "chosen" not in row:
+        report.saw("ranked responses")
+        return _ranked_pairs(row, loc, report)
     if "prompt" in row:
-        return _explicit_pair(row, loc)
-    return _implicit_pair(row, loc)
+        report.saw("trl conversational" if isinstance(row.get("chosen"), list) else "trl standard")
+        return [_explicit_pair(row, loc)]
+    report.saw("conversational, implicit prompt" if isinstance(row.get("chosen"), list) else "hh transcripts")
+    return [_implicit_pair(row, loc)]
+
+
+def stack_exchange_score(upvotes: int, accepted: bool) -> int:
+    """The StackLLaMA rule (Beeching et al. 2023, after Askell et al. 2021): round(log2(1 + upvotes)), +1 if the
+    answer was accepted; -1 for an answer with negative votes."""
+    if upvotes < 0:
+        return -1
+    return round(math.log2(1 + upvotes)) + (1 if accepted else 0)
+
+
+def _ranked(scored: list[tuple[str, float]], prompt: Prompt, row: Row, loc: str, report: DropReport,
+            limit: int | None) -> list[PreferencePair]:
+    """Pairs (higher score chosen) from responses with scores: the largest gaps first, ties dropped and counted,
+    identical texts never paired, at most ``limit`` pairs."""
+    candidates, ties = [], 0
+    for i in range(len(scored)):
+        for j in range(i + 1, len(scored)):
+            (a, sa), (b, sb) = scored[i], scored[j]
+            if a == b:
+                continue
+            if sa == sb:
+                ties += 1
+                continue
+            hi, lo = ((a, sa), (b, sb)) if sa > sb else ((b, sb), (a, sa))
+            candidates.append((-(hi[1] - lo[1]), i, j, hi, lo))
+    candidates.sort(key=lambda c: c[:3])
+    kept = candidates if limit is None else candidates[:limit]
+    report.note("tied pairs dropped", ties)
+    report.note(f"pairs over the limit of {limit} per prompt dropped", len(candidates) - len(kept))
+    meta = {k: v for k, v in row.items() if k not in ("prompt", "question", "answers", "responses", "scores", "ranks")}
+    return [_make_pair(prompt, hi[0], lo[0], {**meta, "chosen_score": hi[1], "rejected_score": lo[1]}, loc)
+            for _, _, _, hi, lo in kept]
+
+
+def _answer_pairs(row: Row, loc: str, report: DropReport) -> list[PreferencePair]:
+    """A question with scored answers (Stack Exchange): each answer is scored by the StackLLaMA rule from
+    ``upvotes`` (or ``score``) and ``accepted`` (or ``selected``), or carries ``pm_score`` already."""
+    key = "question" if "question" in row else "prompt"
+    _require(row, key, loc)
+    prompt = _prompt(row[key], key, loc)
+    answers = row["answers"]
+    if not isinstance(answers, list) or not answers:
+        raise DataError(f"{loc}: field 'answers' must be a non-empty list of answers, got {_short(answers)}")
+    scored = []
+    for i, ans in enumerate(answers, 1):
+        where = f"field 'answers' item {i}"
+        if not isinstance(ans, dict) or not isinstance(ans.get("text"), str) or not ans["text"].strip():
+            raise DataError(f"{loc}: {where} needs a non-empty 'text', got {_short(ans)}")
+        if "pm_score" in ans:
+            score = ans["pm_score"]
+        else:
+            votes = ans.get("upvotes", ans.get("score"))
+            if isinstance(votes, bool) or not isinstance(votes, (int, float)) or not math.isfinite(votes):
+                raise DataError(f"{loc}: {where} needs numeric 'upvotes' (or 'score') or a 'pm_score', got "
+                                f"{_short(votes)}")
+            accepted = ans.get("accepted", ans.get("selected", False))
+            if not isinstance(accepted, bool):
+                raise DataError(f"{loc}: {where} field 'accepted' must be true or false, got {_short(accepted)}")
+            score = stack_exchange_score(int(votes), accepted)
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            raise DataError(f"{loc}: {where} field 'pm_score' must be a finite number, got {_short(score)}")
+        scored.append((ans["text"], float(score)))
+    return _ranked(scored, prompt, row, loc, report, MAX_PAIRS_PER_QUESTION)
+
+
+def _ranked_pairs(row: Row, loc: str, report: DropReport) -> list[PreferencePair]:
+    """k responses with ``scores`` (higher is better) or ``ranks`` (1 is best) -> every pair that differs."""
+    _require(row, "prompt", loc)
+    prompt = _prompt(row["prompt"], "prompt", loc)
+    responses = row["responses"]
+    if not isinstance(responses, list) or len(responses) < 2 or not all(isinstance(r, str) and r.strip() for r in responses):
+        raise DataError(f"{loc}: field 'responses' must be a list of 2 or more non-empty strings, got {_short(responses)}")
+    key = "scores" if "scores" in row else "ranks" if "ranks" in row else None
+    if key is None:
+        raise DataError(f"{loc}: field 'scores' (or 'ranks') is missing: ranked responses need one per response")
+    values = row[key]
+    if (not isinstance(values, list) or len(values) != len(responses)
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)):
+        raise DataError(f"{loc}: field '{key}' must be {len(responses)} finite numbers (one per response), got "
+                        f"{_short(values)}")
+    scores = [float(v) if key == "scores" else -float(v) for v in values]  # rank 1 is the best
+    return _ranked(list(zip(responses, scores)), prompt, row, loc, report, None)
 
 
 def _explicit_pair(row: Row, loc: str) -> PreferencePair:

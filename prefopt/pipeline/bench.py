@@ -154,13 +154,13 @@ def load_inputs(cfg: BenchConfig) -> Inputs:
     pairs = None
     if d.pairs:
         pairs, report = read_pairs(d.pairs, encoding_errors=d.encoding_errors, skip_invalid=d.skip_invalid)
-        reports.append({"data": "pairs", **report.to_dict(), "line": report.line()})
+        reports.append({"data": "pairs", **report.to_dict(), "line": report.line(), "format": report.format_line()})
     if d.prompts == EMBEDDED_PROMPTS:
         prompts = prompts_from_pairs(pairs) if pairs is not None else sentiment_prompts()
     else:
         prompts, report = read_prompts(d.prompts, field=d.prompt_field, prefix_words=d.prefix_words, seed=d.split_seed,
                                        encoding_errors=d.encoding_errors, skip_invalid=d.skip_invalid)
-        reports.append({"data": "prompts", **report.to_dict(), "line": report.line()})
+        reports.append({"data": "prompts", **report.to_dict(), "line": report.line(), "format": report.format_line()})
     judge = load_judge(cfg.judge)
     split = split_prompts(prompts, n_eval=d.n_eval, n_train=d.n_train, seed=d.split_seed)
     held_out = 0
@@ -273,8 +273,9 @@ def run(
     folder = RunFolder.create(out, kind="run", overwrite=overwrite)
     try:
         inputs = load_inputs(cfg)
-        for report in inputs.data_reports:
-            if report["dropped"]:  # --skip-invalid: what was left out, before anything trains on the rest
+        for report in inputs.data_reports:  # the detected format; with --skip-invalid what was left out, before
+            stages.console.log(f"{report['data']}: {report['format']}", highlight=False, markup=False)  # any training
+            if report["dropped"]:
                 stages.console.log(f"skipped invalid rows: {report['line']}", highlight=False, markup=False)
         return _run(cfg, inputs, folder, stages, evaluate_policies, StageCache(cache_dir), t_start, extra_meta or {})
     except BaseException:
