@@ -245,6 +245,79 @@ def config_(
                       highlight=False, soft_wrap=True)
 
 
+data_app = typer.Typer(help="Look at a data source as a run will use it; convert it to canonical JSONL.",
+                       no_args_is_help=True, pretty_exceptions_enable=False)
+app.add_typer(data_app, name="data")
+
+AS = typer.Option("pairs", "--as", help="What the source holds: 'pairs' (preference pairs, any supported shape) or 'prompts'.")
+FIELD = typer.Option(None, "--field", help="Prompts: the column holding the prompt (default 'prompt').")
+PREFIX = typer.Option(None, "--prefix-words", help="Prompts: the first LO-HI words of the text column, e.g. 2-8 (IMDb task).")
+SPLIT_SEED = typer.Option(0, "--seed", help="Prompts: seed of the word-prefix lengths (a run uses data.split_seed, default 0).")
+ENC = typer.Option("strict", "--encoding-errors", help="'strict' stops at invalid UTF-8; 'replace' reads it as U+FFFD and reports it.")
+
+
+def _prefix(text: Optional[str]):
+    if text is None:
+        return None
+    from prefopt import config as C
+
+    return C.coerce(text, tuple[int, int], where="--prefix-words", path="prefix_words")
+
+
+@data_app.command("inspect")
+def data_inspect(
+    source: str = typer.Argument(..., help="A .jsonl/.json/.csv/.parquet file (optionally .gz/.bz2/.xz) or a hub dataset."),
+    as_: str = AS, field: Optional[str] = FIELD, prefix_words: Optional[str] = PREFIX, seed: int = SPLIT_SEED,
+    encoding_errors: str = ENC, skip_invalid: bool = SKIP_INVALID,
+    model: str = typer.Option("smollm2-135m-instruct", help="Tokenizer for the token lengths and the rendering (no weights are loaded)."),
+    examples: int = typer.Option(3, help="Examples to show exactly as the model sees them."),
+) -> None:
+    """The detected format, counts, dropped rows with reasons, token lengths and examples as the model sees them."""
+    from rich.table import Table
+
+    with _user_errors():
+        from prefopt.models.base import load_tokenizer
+        from prefopt.pipeline.datatools import inspect_source
+
+        ins = inspect_source(source, as_, load_tokenizer(model), n_examples=examples, field_name=field,
+                             prefix_words=_prefix(prefix_words), seed=seed, encoding_errors=encoding_errors,
+                             skip_invalid=skip_invalid)
+    plain = {"highlight": False, "markup": False, "soft_wrap": True}
+    out.print(f"format: {ins.report.format_line()}", **plain)
+    out.print(f"rows: {ins.report.line()}", **plain)
+    table = Table(title=f"tokens ({model})", title_justify="left")
+    for col in ("part", "n", "min", "p50", "p90", "p99", "max", "mean"):
+        table.add_column(col, justify="left" if col == "part" else "right")
+    for row in ins.length_table():
+        table.add_row(*(str(row[c]) for c in ("part", "n", "min", "p50", "p90", "p99", "max", "mean")))
+    out.print(table)
+    for i, ex in enumerate(ins.examples, 1):
+        out.print(f"--- example {i}: prompt as the model sees it ---", **plain)
+        out.print(ex["prompt"], **plain)
+        for part in ("chosen", "rejected"):
+            if part in ex:
+                out.print(f"--- example {i}: {part} ---", **plain)
+                out.print(ex[part], **plain)
+
+
+@data_app.command("convert")
+def data_convert(
+    source: str = typer.Argument(..., help="Any source `prefopt data inspect` reads."),
+    target: Path = typer.Argument(..., help="Output .jsonl: canonical records that load back unchanged."),
+    as_: str = AS, field: Optional[str] = FIELD, prefix_words: Optional[str] = PREFIX, seed: int = SPLIT_SEED,
+    encoding_errors: str = ENC, skip_invalid: bool = SKIP_INVALID, overwrite: bool = OVERWRITE,
+) -> None:
+    """Write a source's canonical records (pairs or prompts) as JSON lines."""
+    with _user_errors():
+        from prefopt.pipeline.datatools import convert_source
+
+        path, report = convert_source(source, target, as_, overwrite=overwrite, field_name=field,
+                                      prefix_words=_prefix(prefix_words), seed=seed,
+                                      encoding_errors=encoding_errors, skip_invalid=skip_invalid)
+    out.print(f"format: {report.format_line()}\nrows: {report.line()}\nwrote {report.records} {as_} to {path}",
+              highlight=False, markup=False, soft_wrap=True)
+
+
 def main() -> None:
     app()
 

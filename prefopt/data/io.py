@@ -386,6 +386,9 @@ def _decode_text(raw: bytes, label: str, errors: str = "strict") -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
+        if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            raise DataError(f"{label}: the file is UTF-16 (it starts with a UTF-16 byte-order mark): re-save it as "
+                            "UTF-8") from None
         if errors == "strict":
             line = raw[: exc.start].count(b"\n") + 1
             raise DataError(
@@ -466,6 +469,11 @@ def _csv_rows(text: str, label: str) -> list[Located]:
             continue
         if header is None:
             header = cells
+            if len(cells) == 1:
+                sep = next((c for c in (";", "\t", "|") if c in cells[0]), None)
+                if sep is not None:
+                    raise DataError(f"{label}:{start}: the header is one column {_short(cells[0])}: the file looks "
+                                    f"{sep!r}-separated; save it comma-separated")
             continue
         loc = f"{label}:{start}"
         if len(cells) != len(header):

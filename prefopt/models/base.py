@@ -7,6 +7,7 @@ from a config with a character tokenizer: what tests and ``--preset smoke`` use,
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import string
@@ -111,34 +112,52 @@ def tiny_causal_lm(vocab_size: int, *, seed: int = 0, hidden: int = 64, layers: 
     return LlamaForCausalLM(config)
 
 
+@contextlib.contextmanager
+def _load_errors(spec: str):
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(
+            f"could not load model '{spec}' ({first}): give a local path, a .gguf file, "
+            f"an alias ({', '.join(ALIASES)}), or a hub id with internet access"
+        ) from None
+
+
+def load_tokenizer(spec: str):
+    """The tokenizer of a base spec alone (no weights): pads on the left (generation), pad = eos if it has none."""
+    if spec == "tiny":
+        return char_tokenizer()
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # prefopt shows its own stage progress; tqdm bars flood logs
+    src = resolve_model(spec)
+    kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    with _load_errors(spec):
+        tok = AutoTokenizer.from_pretrained(src.path, **kwargs)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def load_base(spec: str, *, device: torch.device | None = None, seed: int = 0):
     """Load (model, tokenizer) for a base spec, frozen, in eval mode (dropout off), on ``device``.
 
     The tokenizer pads on the left (generation) and gets ``pad = eos`` when it has no pad token.
     """
     device = device or pick_device()
+    tok = load_tokenizer(spec)
     if spec == "tiny":
-        tok = char_tokenizer()
         lm = tiny_causal_lm(len(tok), seed=seed)
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
+        from transformers import AutoModelForCausalLM
 
-        hf_logging.disable_progress_bar()  # prefopt shows its own stage progress; tqdm bars flood logs
         src = resolve_model(spec)
         kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
-        try:
-            tok = AutoTokenizer.from_pretrained(src.path, **kwargs)
+        with _load_errors(spec):
             lm = AutoModelForCausalLM.from_pretrained(src.path, dtype=pick_dtype(device), **kwargs)
-        except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelError(
-                f"could not load model '{spec}' ({first}): give a local path, a .gguf file, "
-                f"an alias ({', '.join(ALIASES)}), or a hub id with internet access"
-            ) from None
-        tok.padding_side = "left"
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
     lm.to(device)
     lm.requires_grad_(False)
     lm.eval()

@@ -1,0 +1,85 @@
+"""A corpus of bad data files (tests/data/bad/): each gives one line naming the file, the line and the field,
+exit 1 and nothing written; with --skip-invalid the same files give the drop report, or still one line when
+nothing usable is left or the file as a whole cannot be read."""
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import MICRO
+from typer.testing import CliRunner
+
+from prefopt.cli import app
+
+BAD = Path(__file__).parent / "data" / "bad"
+runner = CliRunner()
+
+# file -> (what the strict error says after '<file>', what --skip-invalid reports: 'dropped: <kind>' or 'error: ...')
+CORPUS = {
+    "answers_without_votes.jsonl": (":1: field 'answers' item 1 needs numeric 'upvotes'", "error: no usable row is left"),
+    "bad_margin.jsonl": (":2: field 'margin' must be a finite number", "dropped: field 'margin' must be a finite number"),
+    "bad_message.jsonl": (":2: field 'prompt' message 1 must be an object", "dropped: field 'prompt' message 1"),
+    "bad_quoting.csv": (":3: row has 1 cells but the header has 3", "dropped: row has 1 cells"),
+    "blank_rejected.jsonl": (":2: field 'rejected' is empty", "dropped: field 'rejected' is empty"),
+    "cell_count_mismatch.csv": (":3: row has 2 cells but the header has 3", "dropped: row has 2 cells"),
+    "chosen_is_a_number.jsonl": (":2: field 'chosen' must be a string", "dropped: field 'chosen' must be a string"),
+    "corrupt.parquet": (": could not read parquet", "error: could not read parquet"),
+    "empty_chosen.jsonl": (":2: field 'chosen' is empty", "dropped: field 'chosen' is empty"),
+    "empty_file.csv": (": no rows: the source is empty", "error: no rows"),
+    "empty_file.jsonl": (": no rows: the source is empty", "error: no rows"),
+    "empty_prompt.jsonl": (":2: field 'prompt' is empty", "dropped: field 'prompt' is empty"),
+    "header_only.csv": (": no rows: the source is empty", "error: no rows"),
+    "hh_no_shared_prefix.jsonl": (":2: fields 'chosen' and 'rejected' share no prompt prefix", "dropped: fields 'chosen' and 'rejected' share no prompt prefix"),
+    "identical_responses.jsonl": (":2: fields 'chosen' and 'rejected' are identical", "dropped: fields 'chosen' and 'rejected' are identical"),
+    "invalid_json_line.jsonl": (":2: invalid JSON", "dropped: invalid JSON"),
+    "json_array_bad_item.json": (" row 2: field 'chosen' is missing", "dropped: field 'chosen' is missing"),
+    "json_not_array.json": (":1: invalid JSON", "error: no usable row is left"),
+    "latin1_encoding.csv": (":3: not valid UTF-8", "error: not valid UTF-8"),
+    "missing_chosen.jsonl": (":2: field 'chosen' is missing", "dropped: field 'chosen' is missing"),
+    "missing_rejected.jsonl": (":2: field 'rejected' is missing", "dropped: field 'rejected' is missing"),
+    "mixed_kinds_implicit.jsonl": (":2: fields 'chosen' and 'rejected' must both be strings", "dropped: fields 'chosen' and 'rejected' must both be strings"),
+    "nan_margin.jsonl": (":2: field 'margin' must be a finite number, got nan", "dropped: field 'margin' must be a finite number"),
+    "no_assistant_message.jsonl": (":2: field 'chosen' has no assistant message", "dropped: field 'chosen' has no assistant message"),
+    "not_an_object.jsonl": (":2: expected a JSON object", "dropped: expected a JSON object"),
+    "not_gzip.jsonl.gz": (": not a complete gz archive", "error: not a complete gz archive"),
+    "only_blank_lines.jsonl": (": no rows: the source is empty", "error: no rows"),
+    "ranked_length_mismatch.jsonl": (":1: field 'scores' must be 3 finite numbers", "error: no usable row is left"),
+    "truncated.csv.bz2": (": not a complete bz2 archive", "error: not a complete bz2 archive"),
+    "truncated.jsonl.gz": (": not a complete gz archive", "error: not a complete gz archive"),
+    "utf16_encoding.jsonl": (": the file is UTF-16", "error: the file is UTF-16"),
+    "wrong_delimiter.csv": (":1: the header is one column 'prompt;chosen;rejected': the file looks ';'-separated", "error: ';'-separated"),
+    "wrong_type.txt": (": unsupported file type '.txt'", "error: unsupported file type"),
+}
+
+
+def _lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.strip()]
+
+
+def test_the_corpus_is_all_there():
+    assert sorted(p.name for p in BAD.iterdir()) == sorted(CORPUS) and len(CORPUS) >= 25
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_bad_file_is_one_line_and_writes_nothing(name, tmp_path):
+    path = BAD / name
+    strict, lenient = CORPUS[name]
+    res = runner.invoke(app, ["data", "inspect", str(path), "--model", "tiny"], env={"COLUMNS": "400"})
+    assert res.exit_code == 1, res.output
+    assert _lines(res.output) == [_lines(res.output)[0]] and _lines(res.output)[0].startswith(f"error: {path}{strict}")
+    sets = [a for s in (*MICRO, f"data.pairs={path}") for a in ("--set", s)]
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["bench", "--preset", "smoke", *sets, "--out", str(out)], env={"COLUMNS": "400"})
+    assert res.exit_code == 1 and len(_lines(res.output)) == 1 and f"{path}{strict}" in res.output, res.output
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+    res = runner.invoke(app, ["data", "convert", str(path), str(tmp_path / "out.jsonl"), "--skip-invalid"],
+                        env={"COLUMNS": "400"})
+    if lenient.startswith("error: "):
+        assert res.exit_code == 1 and len(_lines(res.output)) == 1 and lenient[7:] in res.output, res.output
+        assert list(tmp_path.iterdir()) == []
+    else:
+        assert res.exit_code == 0, res.output
+        assert f"kept 1 of 2 rows, dropped 1: 1 × {lenient[9:]}" in " ".join(res.output.split())
+        kept = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+        assert [r["prompt"] for r in kept] == ["p"]
