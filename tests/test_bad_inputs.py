@@ -83,3 +83,28 @@ def test_bad_file_is_one_line_and_writes_nothing(name, tmp_path):
         assert f"kept 1 of 2 rows, dropped 1: 1 × {lenient[9:]}" in " ".join(res.output.split())
         kept = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
         assert [r["prompt"] for r in kept] == ["p"]
+
+
+def test_inspect_and_convert_a_good_file(tmp_path):
+    from prefopt.data.io import load_pairs
+
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"say {c}", "chosen": c * 4, "rejected": c, "src": i}) + "\n"
+                           for i, c in enumerate("abcdef")), encoding="utf-8")
+    res = runner.invoke(app, ["data", "inspect", str(src), "--model", "tiny", "--examples", "2"], env={"COLUMNS": "100"})
+    assert res.exit_code == 0, res.output
+    text = res.output
+    assert f"format: {src}: trl standard (6 rows) -> 6 records" in text and "kept all 6 rows" in text
+    # char tokenizer: 'say a' is 5 tokens, chosen 'aaaa' 4, rejected 'a' 1
+    rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.split("│")[1:-1]]
+                                              for line in text.splitlines() if line.count("│") == 9)}
+    # columns: n, min, p50, p90, p99, max, mean
+    assert rows["prompt"] == ["6", "5", "5", "5", "5", "5", "5.0"]
+    assert rows["chosen"][:2] == ["6", "4"] and rows["rejected"][-1] == "1.0"
+    assert "--- example 2: prompt as the model sees it ---\nsay b\n--- example 2: chosen ---\nbbbb" in text
+    assert "example 3" not in text
+    out = tmp_path / "canonical.jsonl"
+    res = runner.invoke(app, ["data", "convert", str(src), str(out)])
+    assert res.exit_code == 0 and load_pairs(out) == load_pairs(src)
+    res = runner.invoke(app, ["data", "convert", str(src), str(out)])
+    assert res.exit_code == 1 and "exists: pass --overwrite" in res.output

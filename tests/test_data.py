@@ -400,10 +400,21 @@ def test_load_prompts_default_and_named_field(tmp_path: Path) -> None:
 
 
 def test_load_prompts_missing_field_names_columns(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "p.jsonl", [{"text": "a", "label": 1}])
+    path = write_jsonl(tmp_path / "p.jsonl", [{"body": "a", "label": 1}])
     message = data_error(load_prompts, path)
-    assert message.startswith(f"{path}:1: field 'prompt' is missing (columns: text, label)"), message
-    assert "field 'body'" in data_error(load_prompts, path, field="body")
+    assert message.startswith(f"{path}:1: field 'prompt' is missing (columns: body, label)"), message
+    assert "field 'title'" in data_error(load_prompts, path, field="title")
+
+
+def test_a_text_corpus_is_detected_by_its_columns(tmp_path: Path) -> None:
+    from prefopt.data.io import read_prompts
+
+    words = " ".join(f"w{i}" for i in range(20))
+    path = write_jsonl(tmp_path / "reviews.jsonl", [{"review": f"<br />{words}", "label": i} for i in range(5)])
+    prompts, report = read_prompts(path)
+    assert report.formats == {"text prefixes of 'review' (2-8 words)": 5}
+    assert prompts == load_prompts(path, field="review", prefix_words=(2, 8))  # the explicit form, same seed
+    assert all(2 <= len(p.prompt.split()) <= 8 for p in prompts)
 
 
 REVIEW_WORDS = [f"w{i}" for i in range(40)]

@@ -168,8 +168,15 @@ def read_prompts(
         lo, hi = prefix_words
         if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
             raise ValueError(f"prefix_words must be (lo, hi) with 1 <= lo <= hi, got {prefix_words!r}")
+    rows = _read_rows(source, split, encoding_errors)
     name = field or "prompt"
+    if field is None and prefix_words is None:  # a text corpus (IMDb reviews...): detected by its columns
+        first = next((row for _, row in rows if isinstance(row, dict)), {})
+        corpus = next((c for c in TEXT_COLUMNS if c in first), None)
+        if "prompt" not in first and corpus is not None:
+            name, prefix_words = corpus, DEFAULT_PREFIX_WORDS
     rng = random.Random(seed)
+    fmt = f"text prefixes of '{name}' ({prefix_words[0]}-{prefix_words[1]} words)" if prefix_words else f"prompts in '{name}'"
 
     def adapt(row: Row, loc: str, report: DropReport) -> list[PromptRecord]:
         if row.get(name) is None:
@@ -185,10 +192,10 @@ def read_prompts(
             prompt: Prompt = _prompt(row[name], name, loc)
         else:
             prompt = _text_prefix(row[name], name, loc, prefix_words, rng)
-        report.saw("text prefixes" if prefix_words is not None else "prompts")
+        report.saw(fmt)
         return [PromptRecord(prompt=prompt, meta=meta)]
 
-    return _adapt(_read_rows(source, split, encoding_errors), adapt, skip_invalid, source)
+    return _adapt(rows, adapt, skip_invalid, source)
 
 
 def load_prompts(
@@ -207,7 +214,9 @@ def load_prompts(
     ``prefix_words=(lo, hi)`` the column is treated as a text corpus instead, as in the DPO
     paper's IMDb task: HTML tags are stripped, whitespace collapsed, and the prompt is the first
     ``n`` words with ``n ~ Uniform{lo..hi}`` drawn from one ``random.Random(seed)`` per row in
-    file order, so the same seed always yields the same prompts.  Other columns go to ``meta``.
+    file order, so the same seed always yields the same prompts.  Other columns go to ``meta``.  Without ``field``
+    and ``prefix_words``, a source with no ``prompt`` column but a text column (``text``, ``review``, ``content``,
+    ``document``) is read as a corpus: the first 2-8 words of that column (the detected format says so).
     """
     prompts, report = read_prompts(source, split=split, field=field, prefix_words=prefix_words, seed=seed,
                                    encoding_errors=encoding_errors, skip_invalid=skip_invalid)
@@ -512,6 +521,11 @@ def _parquet_rows(raw: bytes, label: str) -> list[Located]:
 
 # --------------------------------------------------------------------------- pair adapters
 
+
+TEXT_COLUMNS = ("text", "review", "content", "document")
+"""Columns of a text corpus: without a 'prompt' column (and no field given), prompts are their first words."""
+DEFAULT_PREFIX_WORDS = (2, 8)
+"""The DPO paper's IMDb prompts: the first 2-8 words of a review."""
 
 MAX_PAIRS_PER_QUESTION = 10
 """StackLLaMA: at most ten pairs of answers per question."""
