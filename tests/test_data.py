@@ -730,3 +730,18 @@ def test_ranked_responses_become_every_pair_that_differs(tmp_path: Path) -> None
     assert report.notes == {"tied pairs dropped": 1} and report.formats == {"ranked responses": 2}
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "responses": ["a", "b"], "scores": [1]}])
     assert "field 'scores' must be 2 finite numbers" in data_error(load_pairs, bad)
+
+
+def test_hh_multi_turn_prompts_are_recovered_exactly() -> None:
+    from prefopt.data.io import hh_text, hh_turns, plain_template
+
+    turns = hh_turns(HH_PROMPT)
+    assert turns == [
+        {"role": "user", "content": "What is a good name for a cat?"},
+        {"role": "assistant", "content": "How about Miso?"},
+        {"role": "user", "content": "Something longer?"},
+    ]
+    assert hh_text(turns) == HH_PROMPT
+    assert hh_turns("Plain prompt.") is None and hh_turns("\n\nHuman: a\n\nHuman: b\n\nAssistant:") is None
+    assert plain_template(turns) == ("Question: What is a good name for a cat?\n\nAnswer: How about Miso?\n\n"
+                                     "Question: Something longer?\n\nAnswer:")

@@ -171,3 +171,23 @@ def test_seeded_roles_start_identical_and_leave_the_rng_alone(tiny):
     shared.add_role("pc", seed=8)
     c = shared.adapter_state("pc")
     assert any(not torch.equal(v, c[k.replace(".pa.", ".pc.")]) for k, v in a.items() if "lora_A" in k)
+
+
+def test_one_rendering_for_every_prompt_shape():
+    """Chat models see HH transcripts and message lists through their chat template; a model without one sees
+    the plain template; plain prompts are left alone."""
+    from prefopt.models.base import char_tokenizer
+    from prefopt.models.ops import render_prompt
+
+    hh = "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Name a colour.\n\nAssistant:"
+    turns = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+             {"role": "user", "content": "Name a colour."}]
+    chat = char_tokenizer()
+    chat.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    want = "<|user|>Hi there\n<|assistant|>Hello!\n<|user|>Name a colour.\n<|assistant|>"
+    assert render_prompt(hh, chat) == render_prompt(turns, chat) == want
+    assert render_prompt("Review The Quiet Engine.", chat) == "Review The Quiet Engine."
+    base = char_tokenizer()
+    assert render_prompt(turns, base) == "Question: Hi there\n\nAnswer: Hello!\n\nQuestion: Name a colour.\n\nAnswer:"
+    assert render_prompt(hh, base) == hh

@@ -41,6 +41,36 @@ COMPRESSIONS = {".gz": gzip.decompress, ".bz2": bz2.decompress, ".xz": lzma.deco
 
 ASSISTANT_MARKER = "\n\nAssistant:"
 """Turn marker of Anthropic-HH-style transcripts; the prompt ends with the last shared one."""
+HUMAN_MARKER = "\n\nHuman:"
+_HH_TURN = re.compile(r"(\n\nHuman:|\n\nAssistant:)")
+
+
+def hh_turns(text: str) -> list[Message] | None:
+    """An Anthropic-HH prompt ('\n\nHuman: ...\n\nAssistant: ...\n\nAssistant:') as chat turns, ending with
+    the user's last message; None if ``text`` is not such a transcript. :func:`hh_text` gives the text back."""
+    if not (text.startswith(HUMAN_MARKER) and text.endswith(ASSISTANT_MARKER)):
+        return None
+    parts = _HH_TURN.split(text[: -len(ASSISTANT_MARKER)])  # ['', marker, content, marker, content, ...]
+    turns: list[Message] = []
+    for marker, content in zip(parts[1::2], parts[2::2]):
+        role = "user" if marker == HUMAN_MARKER else "assistant"
+        if turns and turns[-1]["role"] == role or not content.startswith(" "):
+            return None  # two turns of one speaker in a row, or no space after the marker: not a clean transcript
+        turns.append({"role": role, "content": content[1:]})
+    return turns if turns and turns[-1]["role"] == "user" else None
+
+
+def hh_text(turns: list[Message]) -> str:
+    """The HH transcript of chat turns, ready for the assistant's reply (inverse of :func:`hh_turns`)."""
+    marker = {"user": HUMAN_MARKER, "assistant": ASSISTANT_MARKER}
+    return "".join(f"{marker[t['role']]} {t['content']}" for t in turns) + ASSISTANT_MARKER
+
+
+def plain_template(turns: list[Message]) -> str:
+    """Chat turns for a base model without a chat template (StackLLaMA's 'Question: ...\n\nAnswer: ...' form)."""
+    label = {"user": "Question", "assistant": "Answer", "system": "System"}
+    body = "\n\n".join(f"{label.get(t['role'], t['role'].title())}: {t['content']}" for t in turns)
+    return body + "\n\nAnswer:"
 
 _PAIR_FIELDS = ("prompt", "chosen", "rejected", "margin")
 _PAIR_HINT = "each row needs prompt/chosen/rejected (or chosen/rejected sharing a prompt prefix)"

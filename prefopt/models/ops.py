@@ -117,9 +117,20 @@ def last_token_hidden(hidden: torch.Tensor, batch: SeqBatch) -> torch.Tensor:
 
 
 def render_prompt(prompt: Prompt, tokenizer) -> str:
-    """Text the model sees: plain prompts as is, conversations through the tokenizer's chat template."""
+    """The text the model sees, the same for every stage (SFT, RM, DPO, PPO, eval): conversations through the
+    tokenizer's chat template, or the plain 'Question: ...\n\nAnswer:' template for a model without one; an
+    Anthropic-HH transcript as its turns through the chat template (as is for a model without one); any other
+    plain prompt as is."""
+    from prefopt.data.io import hh_turns, plain_template
+
+    has_template = bool(getattr(tokenizer, "chat_template", None))
     if isinstance(prompt, str):
-        return prompt
+        turns = hh_turns(prompt) if has_template else None
+        if turns is None:
+            return prompt
+        prompt = turns
+    if not has_template:
+        return plain_template(prompt)
     return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
 
 
