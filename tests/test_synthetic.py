@@ -204,3 +204,34 @@ def test_shape_validation() -> None:
         simulate_preferences(
             ["p"], [["a", "b"]], [[1.0, math.nan]], annotator=annotator, pairs_per_prompt=1, seed=0
         )
+
+
+def test_annotator_pool_records_who_labelled_each_pair() -> None:
+    """A pool of a clean and a noisy annotator: each pair says who labelled it, and the labels agree with the gold
+    score at each annotator's own rate."""
+    prompts, responses, scores = noisy_inputs(n_prompts=600, k=3)
+    pool = [AnnotatorConfig(temperature=1e-9), AnnotatorConfig(temperature=1e-9, flip_rate=0.3)]
+    pairs = simulate_preferences(prompts, responses, scores, annotator=pool, pairs_per_prompt=2, seed=0)
+    again = simulate_preferences(prompts, responses, scores, annotator=pool, pairs_per_prompt=2, seed=0)
+    assert pairs == again
+    by = {0: [], 1: []}
+    for p in pairs:
+        by[p.meta["annotator"]].append(p.meta["score_chosen"] > p.meta["score_rejected"])
+    assert 0.4 < len(by[0]) / len(pairs) < 0.6  # drawn uniformly (sd ~ 0.014)
+    assert all(by[0])                            # the clean one is always right at T -> 0
+    assert 0.65 < sum(by[1]) / len(by[1]) < 0.75  # the noisy one is right 70% of the time (sd ~ 0.019)
+    # the same pairs are chosen for labelling whoever labels them: the pool changes labels, not the candidates
+    single = simulate_preferences(prompts, responses, scores, annotator=pool[0], pairs_per_prompt=2, seed=0)
+    assert {frozenset((p.chosen, p.rejected)) for p in pairs} == {frozenset((p.chosen, p.rejected)) for p in single}
+
+
+def test_position_bias_favours_the_response_shown_first() -> None:
+    prompts, responses, scores = noisy_inputs(n_prompts=500, k=2)
+    biased = AnnotatorConfig(temperature=0.1, position_bias=100.0)  # overwhelms any gold difference in [-2, 2]
+    pairs = simulate_preferences(prompts, responses, scores, annotator=biased, pairs_per_prompt=1, seed=0)
+    assert all(p.meta["shown_first"] == "chosen" for p in pairs)
+    right = sum(p.meta["score_chosen"] > p.meta["score_rejected"] for p in pairs) / len(pairs)
+    assert 0.4 < right < 0.6  # which one is shown first is a coin flip, so gold no longer decides
+    fair = simulate_preferences(prompts, responses, scores, annotator=AnnotatorConfig(temperature=1e-9),
+                                pairs_per_prompt=1, seed=0)
+    assert "shown_first" not in fair[0].meta and "annotator" not in fair[0].meta

@@ -31,14 +31,17 @@ class AnnotatorConfig:
     temperature: float = field(default=0.1, metadata={"help": "Bradley–Terry temperature on gold-score differences (-> 0: always the higher score)."})
     flip_rate: float = field(default=0.0, metadata={"help": "Probability of flipping a sampled label (annotator noise), in [0, 0.5]."})
     length_bias: float = field(default=0.0, metadata={"help": "Utility added per 100 characters (a verbosity-biased annotator)."})
+    position_bias: float = field(default=0.0, metadata={"help": "Utility added to the response shown first (pairs are shown in "
+                                                        "a random order; a position-biased judge)."})
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"AnnotatorConfig.temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.flip_rate <= 0.5:
             raise ValueError(f"AnnotatorConfig.flip_rate must be in [0, 0.5], got {self.flip_rate}")
-        if not math.isfinite(self.length_bias):
-            raise ValueError(f"AnnotatorConfig.length_bias must be finite, got {self.length_bias}")
+        for name in ("length_bias", "position_bias"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"AnnotatorConfig.{name} must be finite, got {getattr(self, name)}")
 
     def utility(self, score: float, text: str) -> float:
         """The annotator's utility for a response: gold score plus the verbosity bonus."""
@@ -50,7 +53,7 @@ def simulate_preferences(
     responses: Sequence[Sequence[str]],
     scores: Sequence[Sequence[float]],
     *,
-    annotator: AnnotatorConfig,
+    annotator: AnnotatorConfig | Sequence[AnnotatorConfig],
     pairs_per_prompt: int,
     seed: int,
 ) -> list[PreferencePair]:
@@ -62,10 +65,18 @@ def simulate_preferences(
     kept pair ``(a, b)`` is labelled ``a ≻ b`` with probability
     ``sigmoid((u_a - u_b) / temperature)`` and then flipped with probability ``flip_rate``.
 
+    ``annotator`` may be a pool (AlpacaFarm-style): each kept pair is labelled by one annotator drawn at
+    random, whose index goes into ``meta["annotator"]`` so reports can stratify by it.  An annotator with a
+    ``position_bias`` sees the pair in a random order (``meta["shown_first"]``: "chosen" or "rejected") and adds
+    the bias to the first one's utility.
+
     A single ``random.Random(seed)`` drives every draw in a fixed order, so the same inputs and
     seed give bit-identical pairs.  ``meta`` records the gold scores, the Bradley–Terry
     probability of the final chosen response, whether the label was flipped and the source.
     """
+    pool = None if isinstance(annotator, AnnotatorConfig) else list(annotator)
+    if pool is not None and not pool:
+        raise ValueError("an annotator pool needs at least one annotator")
     if not len(prompts) == len(responses) == len(scores):
         raise ValueError(
             f"prompts, responses and scores must have the same length, got "
@@ -81,16 +92,25 @@ def simulate_preferences(
         scored = _distinct(texts, gold, i)
         if len(scored) < 2:
             continue
+        # which pairs to label is decided on gold scores alone (the same for every annotator of a pool)
+        ranker = annotator if pool is None else AnnotatorConfig()
         candidates = [
-            (annotator.utility(a[1], a[0]) - annotator.utility(b[1], b[0]), a, b)
+            (ranker.utility(a[1], a[0]) - ranker.utility(b[1], b[0]), a, b)
             for a, b in combinations(scored, 2)
         ]
         rng.shuffle(candidates)  # random tie-break: the sort below is stable
         candidates.sort(key=lambda c: -abs(c[0]))
-        for diff, (text_a, score_a), (text_b, score_b) in candidates[:pairs_per_prompt]:
-            p_a = _sigmoid(diff / annotator.temperature)
+        for _, (text_a, score_a), (text_b, score_b) in candidates[:pairs_per_prompt]:
+            who = None if pool is None else rng.randrange(len(pool))
+            judge = annotator if pool is None else pool[who]
+            diff = judge.utility(score_a, text_a) - judge.utility(score_b, text_b)
+            a_first = None
+            if judge.position_bias:
+                a_first = rng.random() < 0.5
+                diff += judge.position_bias if a_first else -judge.position_bias
+            p_a = _sigmoid(diff / judge.temperature)
             a_wins = rng.random() < p_a
-            flipped = rng.random() < annotator.flip_rate
+            flipped = rng.random() < judge.flip_rate
             if flipped:
                 a_wins = not a_wins
             if a_wins:
@@ -109,6 +129,8 @@ def simulate_preferences(
                         "p_chosen": p_chosen,
                         "flipped": flipped,
                         "source": "synthetic",
+                        **({} if who is None else {"annotator": who}),
+                        **({} if a_first is None else {"shown_first": "chosen" if a_first == a_wins else "rejected"}),
                     },
                 )
             )

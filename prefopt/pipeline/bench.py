@@ -202,7 +202,7 @@ def synthesize_pairs(shared: SharedBase, judge, prompts: list[PromptRecord], cfg
             eos[(i, texts[j])] = ended[j]
     pairs = simulate_preferences(
         [p.prompt for p in prompts], grouped_texts, grouped_scores,
-        annotator=d.annotator, pairs_per_prompt=d.pairs_per_prompt, seed=cfg.seed,
+        annotator=d.annotators or d.annotator, pairs_per_prompt=d.pairs_per_prompt, seed=cfg.seed,
     )
     # remember which responses were cut at the length cap, so training does not append an EOS they never had
     index = {prompt_key(p.prompt): i for i, p in enumerate(prompts)}

@@ -47,6 +47,10 @@ class DataConfig:
     k: int = field(default=4, metadata={"help": "Responses sampled per prompt for synthetic pairs (>= 2)."})
     pairs_per_prompt: int = field(default=3, metadata={"help": "Labelled pairs kept per prompt (largest gold-score gaps)."})
     annotator: AnnotatorConfig = field(default_factory=AnnotatorConfig)
+    annotators: list[AnnotatorConfig] = field(default_factory=list, metadata={
+        "help": "A pool of simulated annotators (AlpacaFarm-style), e.g. [{temperature: 0.1}, {flip_rate: 0.25}, "
+                "{position_bias: 0.5}]: each pair is labelled by one drawn at random (meta 'annotator'); "
+                "empty: data.annotator labels every pair."})
     max_new_tokens: int = field(default=32, metadata={"help": "Length cap of responses sampled for synthetic pairs."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature for synthetic pairs."})
     max_prompt_tokens: int = field(default=64, metadata={"help": "Prompts keep their last N tokens."})
