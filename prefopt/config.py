@@ -170,6 +170,8 @@ def coerce(value: Any, tp: Any, *, where: str, path: str) -> Any:
                 continue
         raise _fail(where, path, tp, value)
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):  # already built (a checked --set value merged back into the config dict)
+            return value
         if isinstance(value, str):
             value = _json(value, where, path, tp)
         if not isinstance(value, dict):

@@ -122,3 +122,15 @@ def test_config_dict_keeps_layers_in_order(tmp_path: Path):
     data = config_dict("smoke", str(tmp_path / "c.json"), ("dpo.beta=0.4",))
     assert data["dpo"]["beta"] == 0.4 and data["model"] == "tiny"
     assert isinstance(C.build(BenchConfig, data), BenchConfig)
+
+
+def test_annotator_pool_from_set_and_file(tmp_path):
+    from prefopt.data.synthetic import AnnotatorConfig
+
+    cfg = load_config("smoke", None, ('data.annotators=[{"flip_rate": 0.2}, {"position_bias": 0.5}]',))
+    assert cfg.data.annotators == [AnnotatorConfig(flip_rate=0.2), AnnotatorConfig(position_bias=0.5)]
+    f = tmp_path / "c.yaml"
+    f.write_text("preset: smoke\ndata:\n  annotators:\n    - {temperature: 0.05}\n    - {length_bias: 1.0}\n")
+    assert [a.temperature for a in load_config("smoke", str(f)).data.annotators] == [0.05, 0.1]
+    with pytest.raises(ConfigError, match=r"data.annotators=.*flip_rate must be in \[0, 0.5\]"):
+        load_config("smoke", None, ('data.annotators=[{"flip_rate": 0.9}]',))
