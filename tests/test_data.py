@@ -745,3 +745,42 @@ def test_hh_multi_turn_prompts_are_recovered_exactly() -> None:
     assert hh_turns("Plain prompt.") is None and hh_turns("\n\nHuman: a\n\nHuman: b\n\nAssistant:") is None
     assert plain_template(turns) == ("Question: What is a good name for a cat?\n\nAnswer: How about Miso?\n\n"
                                      "Question: Something longer?\n\nAnswer:")
+
+
+# --------------------------------------------------------------------------- every shape, one canonical form
+
+SHAPES = Path(__file__).parent / "data" / "shapes"
+TEXT_SHAPES = {"trl_standard.jsonl": "trl standard", "trl_standard.json": "trl standard", "trl_standard.csv": "trl standard",
+               "trl_standard.parquet": "trl standard", "trl_standard.jsonl.gz": "trl standard",
+               "ranked_scores.jsonl": "ranked responses", "ranked_ranks.jsonl": "ranked responses",
+               "stack_exchange.jsonl": "stack-exchange answers"}
+CHAT_SHAPES = {"trl_conversational.jsonl": "trl conversational", "conversational_implicit.jsonl":
+               "conversational, implicit prompt", "hh_transcripts.jsonl": "hh transcripts"}
+
+
+def test_every_shape_converts_to_the_same_canonical_pairs() -> None:
+    """Our fixtures hold the same three judgements in every supported shape. Text shapes give identical
+    (prompt, chosen, rejected); chat shapes give identical pairs as the model sees them (chat template applied;
+    HH transcripts become their turns)."""
+    from prefopt.data.io import read_pairs
+    from prefopt.models.base import char_tokenizer
+    from prefopt.models.ops import render_prompt
+
+    assert sorted(p.name for p in SHAPES.iterdir()) == sorted({**TEXT_SHAPES, **CHAT_SHAPES})
+    want = [("What is 2+2?", "It is 4.", "It is 5."), ("Name a colour, please.", "Blue, like the sky.", "I won't."),
+            ("Say hello", "Hello! How can I help?", "Go away.")]
+    for name, fmt in TEXT_SHAPES.items():
+        pairs, report = read_pairs(SHAPES / name)
+        assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == want, name
+        assert report.formats == {fmt: 3}, name
+    chat = char_tokenizer()
+    chat.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}[assistant]{% endif %}")
+    seen = {}
+    for name, fmt in CHAT_SHAPES.items():
+        pairs, report = read_pairs(SHAPES / name)
+        assert report.formats == {fmt: 3}, name
+        seen[name] = [(render_prompt(p.prompt, chat), p.chosen, p.rejected) for p in pairs]
+    first = seen["trl_conversational.jsonl"]
+    assert all(v == first for v in seen.values()), seen
+    assert first[0] == ("[user] Hi\n[assistant] Hello.\n[user] What is 2+2?\n[assistant]", "It is 4.", "It is 5.")
