@@ -784,3 +784,23 @@ def test_every_shape_converts_to_the_same_canonical_pairs() -> None:
     first = seen["trl_conversational.jsonl"]
     assert all(v == first for v in seen.values()), seen
     assert first[0] == ("[user] Hi\n[assistant] Hello.\n[user] What is 2+2?\n[assistant]", "It is 4.", "It is 5.")
+
+
+def test_hub_names_with_subset_and_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefopt.data.io import parse_hub_name
+
+    calls = []
+
+    def fake_load_dataset(name, *args, split, **kwargs):
+        calls.append((name, args, kwargs, split))
+        return [{"prompt": "p", "chosen": "a", "rejected": "b"}]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=fake_load_dataset))
+    load_pairs("Anthropic/hh-rlhf:data_dir=harmless-base@test")
+    load_pairs("nyu-mll/glue:mrpc")
+    load_pairs("HuggingFaceH4/ultrafeedback_binarized@train_prefs", split="ignored")
+    assert calls == [("Anthropic/hh-rlhf", (), {"data_dir": "harmless-base"}, "test"),
+                     ("nyu-mll/glue", ("mrpc",), {}, "train"),
+                     ("HuggingFaceH4/ultrafeedback_binarized", (), {}, "train_prefs")]
+    assert parse_hub_name("a/b:c@d") == ("a/b", "c", "d") and parse_hub_name("a/b", "test") == ("a/b", None, "test")
+    assert "file not found" in data_error(load_pairs, "a/b/c:d")  # more than one '/' is a path, not a hub name

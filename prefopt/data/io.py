@@ -74,7 +74,9 @@ def plain_template(turns: list[Message]) -> str:
 
 _PAIR_FIELDS = ("prompt", "chosen", "rejected", "margin")
 _PAIR_HINT = "each row needs prompt/chosen/rejected (or chosen/rejected sharing a prompt prefix)"
-_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?(:[\w.=-]+)?(@[\w.\[\]:%+-]+)?$")
+"""A hub dataset: ``owner/name``, then optionally ``:subset`` (a config name, or ``data_dir=<folder>`` as
+Anthropic/hh-rlhf's ``harmless-base``) and ``@split`` (overrides the ``split`` argument)."""
 _HTML_TAG = re.compile(r"<[^>]*>")
 
 Row = dict[str, Any]
@@ -310,7 +312,8 @@ def _read_rows(source: str | os.PathLike[str], split: str, encoding_errors: str 
     label = os.fspath(source)
     path = _local_path(source)
     if path is None:
-        rows = _hub_rows(label, split)
+        name, subset, split = parse_hub_name(label, split)
+        rows = _hub_rows(name, subset, split, label)
         where = f"dataset '{label}' (split '{split}')"
     else:
         suffix = _data_suffix(path)
@@ -365,16 +368,28 @@ def _local_path(source: str | os.PathLike[str]) -> Path | None:
     return None
 
 
-def _hub_rows(name: str, split: str) -> list[Located]:
+def parse_hub_name(spec: str, split: str = "train") -> tuple[str, str | None, str]:
+    """``owner/name[:subset][@split]`` -> (name, subset, split); ``split`` is the default when none is given."""
+    rest, at, named_split = spec.partition("@")
+    name, colon, subset = rest.partition(":")
+    return name, (subset or None), (named_split if at else split)
+
+
+def _hub_rows(name: str, subset: str | None, split: str, label: str) -> list[Located]:
     """Load a hub dataset; every failure (offline, unknown name, bad split) becomes a DataError."""
     try:
         import datasets
 
-        dataset = datasets.load_dataset(name, split=split)
-        return [(f"{name} row {i}", dict(row)) for i, row in enumerate(dataset, 1)]
+        if subset is None:
+            dataset = datasets.load_dataset(name, split=split)
+        elif subset.startswith("data_dir="):
+            dataset = datasets.load_dataset(name, data_dir=subset.split("=", 1)[1], split=split)
+        else:
+            dataset = datasets.load_dataset(name, subset, split=split)
+        return [(f"{label} row {i}", dict(row)) for i, row in enumerate(dataset, 1)]
     except Exception as exc:  # any hub failure has the same remedy
         raise DataError(
-            f"could not load dataset '{name}' from the hub ({_one_line(exc)}): "
+            f"could not load dataset '{label}' from the hub ({_one_line(exc)}): "
             "pass a local .jsonl/.csv/.parquet file instead"
         ) from exc
 
