@@ -318,6 +318,20 @@ def data_convert(
               highlight=False, markup=False, soft_wrap=True)
 
 
+@data_app.command("synth")
+def data_synth(
+    target: Path = typer.Argument(..., help="Output .jsonl of synthetic preference pairs."),
+    preset: str = PRESET, config: Optional[Path] = CONFIG, set_: Optional[List[str]] = SET, overwrite: bool = OVERWRITE,
+) -> None:
+    """Write the synthetic pairs a run would train on: k reference samples per training prompt, gold-judged,
+    labelled by the simulated annotator(s) (data.* fields). Reuse them with --set data.pairs=FILE."""
+    with _user_errors():
+        from prefopt.pipeline.datatools import synth_pairs
+
+        path, n, secs = synth_pairs(_load(preset, config, set_), target, overwrite=overwrite, console=err)
+    out.print(f"wrote {n} pairs to {path} in {secs:.0f}s", highlight=False, markup=False, soft_wrap=True)
+
+
 def main() -> None:
     app()
 

@@ -108,3 +108,21 @@ def test_inspect_and_convert_a_good_file(tmp_path):
     assert res.exit_code == 0 and load_pairs(out) == load_pairs(src)
     res = runner.invoke(app, ["data", "convert", str(src), str(out)])
     assert res.exit_code == 1 and "exists: pass --overwrite" in res.output
+
+
+def test_data_synth_writes_the_pairs_a_run_trains_on(tmp_path):
+    from prefopt.data.io import load_pairs
+
+    sets = [a for s in MICRO for a in ("--set", s)]
+    out = tmp_path / "synth.jsonl"
+    res = runner.invoke(app, ["data", "synth", str(out), "--preset", "smoke", *sets])
+    assert res.exit_code == 0, res.output
+    pairs = load_pairs(out)
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["train", "--preset", "smoke", *sets, "--set", "policies=dpo", "--out", str(run)]).exit_code == 0
+    assert pairs == load_pairs(run / "pairs.jsonl")  # the same pairs, same seed
+    res = runner.invoke(app, ["data", "synth", str(out), "--preset", "smoke", *sets])
+    assert res.exit_code == 1 and "exists: pass --overwrite" in res.output
+    ro = tmp_path / "missing" / "x.jsonl"
+    res = runner.invoke(app, ["data", "synth", str(ro), "--preset", "smoke", *sets])
+    assert res.exit_code == 1 and "cannot write" in res.output

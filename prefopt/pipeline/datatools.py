@@ -97,3 +97,44 @@ def convert_source(source: str, out: str | os.PathLike, kind: str, *, overwrite:
 
 
 __all__ = ["Inspection", "PromptRecord", "convert_source", "inspect_source", "read_source"]
+
+
+def synth_pairs(cfg, out: str | os.PathLike, *, overwrite: bool = False, console=None) -> tuple[Path, int, float]:
+    """Write the synthetic pairs a run with ``cfg`` would train on (reference samples, gold judge, simulated
+    annotators) as canonical JSONL; returns (path, pairs, seconds). Inputs are validated before any compute."""
+    import time
+
+    import torch
+
+    from prefopt.models.base import pick_device
+    from prefopt.models.shared import SharedBase
+    from prefopt.pipeline.bench import Stages, base_model, load_inputs, synthesize_pairs
+
+    target = Path(out)
+    if target.suffix.lower() != ".jsonl":
+        raise PrefoptError(f"{target}: name a .jsonl file")
+    if target.exists() and not overwrite:
+        raise PrefoptError(f"{target}: exists: pass --overwrite to replace it")
+    if cfg.data.pairs:
+        raise PrefoptError("data.pairs is set: synthetic pairs come from the reference policy, unset it")
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text("")  # the output place is checked before any compute
+    except OSError as e:
+        raise PrefoptError(f"{target}: cannot write ({e.strerror or e}): choose a writable path") from None
+    try:
+        inputs = load_inputs(cfg)
+        t0 = time.perf_counter()
+        torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+        stages = Stages(console)
+        with stages.stage("load base"):
+            lm, tok = base_model(cfg.model, pick_device(cfg.device))
+        shared = SharedBase(lm, tok, cfg.lora)
+        with stages.stage("synthetic pairs", total=len(inputs.train) * cfg.data.k) as advance:
+            pairs = synthesize_pairs(shared, inputs.judge, inputs.train, cfg, advance)
+        write_pairs(tmp, pairs)
+        os.replace(tmp, target)
+        return target, len(pairs), time.perf_counter() - t0
+    finally:
+        if tmp.exists():
+            tmp.unlink()
