@@ -289,3 +289,16 @@ def test_reward_sources_are_resolved_before_compute(tmp_path, monkeypatch):
         res = runner.invoke(app, ["bench", "--preset", "smoke", "--set", f"ppo.reward={spec}", "--out", str(tmp_path / "r")])
         assert res.exit_code == 1 and expected in _one_error_line(res.output), res.output
     assert not list(tmp_path.iterdir())
+
+
+def test_preferred_ft_is_a_policy_like_any_other(tmp_path):
+    """Preferred-FT (SFT on the chosen responses) trains on the same base and pairs and lands in the same table."""
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["bench", "--preset", "smoke", *_sets("policies=dpo", "policies.pft.backend=sft",
+                                                                   "pft.epochs=2"), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert {r["policy"] for r in summary["summary"]} == {"reference", "dpo", "pft"}
+    info = json.loads((out / "policies" / "pft" / "policy.json").read_text())
+    assert info["backend"] == "sft" and info["config"]["epochs"] == 2
+    assert any(m["stage"] == "pft" and "train/perplexity" in m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()))

@@ -202,6 +202,23 @@ def test_label_smoothing_is_refused_for_losses_it_does_not_change():
             dpo.DPOConfig(loss_type=loss_type, label_smoothing=0.1)
 
 
+def test_sft_reaches_the_demonstrators_distribution():
+    """SFT (and Preferred-FT) is maximum likelihood: on demonstrations sampled from q its optimum is q itself."""
+    from prefopt.backends import sft
+
+    torch.manual_seed(0)
+    shared, prompt_ids = _setup()
+    q = torch.softmax(R, -1)  # the demonstrator: far from pi_ref
+    assert _tv(_probs(shared, None, prompt_ids), q) > 0.3
+    draws = torch.multinomial(q, 20_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    demos = [PreferencePair(prompt=PROMPT, chosen="" if t == 0 else ACTIONS[t - 1], rejected="-",
+                            meta={"chosen_eos": t == 0}) for t in draws.tolist()]
+    cfg = sft.SFTConfig(learning_rate=3e-2, epochs=3, batch_size=1024, lr_schedule="linear", seed=0)
+    sft.train(shared, cfg, TrainData(pairs=demos))
+    empirical = torch.bincount(draws, minlength=8).float() / len(draws)
+    assert _tv(_probs(shared, "sft", prompt_ids), empirical) < 0.05
+
+
 # ------------------------------------------------------------------------------ two tokens: the estimators alone
 def _tabular_problem(V: int = 4, seed: int = 0):
     """A two-step tabular policy over tokens 0..V-1 (0 = EOS): y = [0] or [a, b] with a >= 1. Returns the policy

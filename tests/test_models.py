@@ -191,3 +191,48 @@ def test_one_rendering_for_every_prompt_shape():
     base = char_tokenizer()
     assert render_prompt(turns, base) == "Question: Hi there\n\nAnswer: Hello!\n\nQuestion: Name a colour.\n\nAnswer:"
     assert render_prompt(hh, base) == hh
+
+
+def test_sft_merged_into_the_base_is_the_new_reference(tiny, tmp_path):
+    """The SFT stage: the adapter merged into the base gives the same logits as base + adapter (and as peft's own
+    loading of the saved adapter), and 'adapters off' on the merged base is the SFT model for later roles."""
+    from peft import PeftModel
+
+    from prefopt.backends import sft as sft_backend
+    from prefopt.models.base import load_base
+    from prefopt.models.ops import hidden_states, response_logits
+
+    lm, tok = tiny
+    shared = SharedBase(lm, tok, LoraSettings(r=4, alpha=8))
+    demos = [PreferencePair(prompt=f"say {c}", chosen=c * 5, rejected="-") for c in "abcdefgh"]
+    sft_backend.train(shared, sft_backend.SFTConfig(batch_size=4, epochs=3, learning_rate=2e-2), TrainData(pairs=demos))
+    ids = encode_prompts([d.prompt for d in demos], tok, 16)
+    batch = make_batch(ids, [[5, 6, 7]] * len(ids), tok.pad_token_id, shared.device)
+
+    def logits(ctx):
+        with torch.no_grad(), ctx as model:
+            return response_logits(model, hidden_states(model, batch), batch)
+
+    with_adapter, base = logits(shared.role("sft")), logits(shared.reference())
+    assert (with_adapter - base).abs().max() > 1e-2  # the adapter learned something
+    shared.save_role("sft", tmp_path / "sft")
+    fresh, _ = load_base("tiny", device=torch.device("cpu"), seed=0)
+    peft_lm = PeftModel.from_pretrained(fresh, str(tmp_path / "sft"))
+    with torch.no_grad():
+        assert torch.allclose(response_logits(peft_lm, hidden_states(peft_lm, batch), batch), with_adapter, atol=1e-5)
+
+    merged = shared.merge_role("sft")
+    assert torch.allclose(logits(merged.reference()), with_adapter, atol=1e-5)
+    merged.add_role("dpo", seed=0)  # a later stage: its reference (adapters off) is the SFT model
+    assert torch.allclose(logits(merged.reference()), with_adapter, atol=1e-5)
+    assert torch.allclose(logits(merged.role("dpo")), with_adapter, atol=1e-5)  # LoRA B starts at 0
+    with pytest.raises(ValueError, match="only role"):
+        merged.merge_role("dpo") if merged.add_role("other") is None else None
+
+
+def test_sft_loss_hand_computed():
+    from prefopt.backends.sft import sft_loss
+
+    logps = torch.tensor([[-1.0, -2.0, 99.0], [-0.5, 7.0, 7.0]])  # padding holds junk
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert torch.isclose(sft_loss(logps, mask), torch.tensor((1.0 + 2.0 + 0.5) / 3))

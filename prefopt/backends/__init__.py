@@ -8,8 +8,8 @@ share lives in ``losses`` (pure functions) and ``_common`` (plumbing). The rewar
 that policies consume, not a policy backend.
 """
 
-from prefopt.backends import dpo, ppo
+from prefopt.backends import dpo, ppo, sft
 
-BACKENDS = {"ppo": ppo, "dpo": dpo}
+BACKENDS = {"ppo": ppo, "dpo": dpo, "sft": sft}
 
 __all__ = ["BACKENDS"]

@@ -209,5 +209,19 @@ class SharedBase:
             state.update({f"head.{k}": v.detach().clone() for k, v in self.heads[name].state_dict().items()})
         return state
 
+    def merge_role(self, name: str) -> "SharedBase":
+        """A new SharedBase whose frozen base is this base with role ``name``'s adapter merged into its weights
+        (the SFT stage: the SFT model becomes the base, and "adapters off" is the SFT model, the reference of every
+        later stage). Only a base whose sole role is ``name`` can be merged: the other adapters were trained
+        against the old base."""
+        if self.roles != [name]:
+            raise ValueError(f"merge_role({name!r}) needs {name!r} to be the only role, have {self.roles}")
+        self.peft.set_adapter(name)
+        merged = self.peft.merge_and_unload()
+        merged.requires_grad_(False)
+        merged.eval()
+        self.peft, self.roles, self._trainable = None, [], []  # this object no longer holds a usable base
+        return SharedBase(merged, self.tokenizer, self.lora)
+
     def base_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in self._lm.named_parameters() if "lora_" not in n}

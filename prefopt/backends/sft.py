@@ -1,0 +1,104 @@
+"""Supervised fine-tuning on a LoRA adapter: maximum likelihood of response tokens given the prompt.
+
+As a policy backend it is **Preferred-FT** (the DPO paper's baseline): fine-tuning on the *chosen* responses of
+the preference pairs, evaluated like every other policy. The same loop trains the SFT stage of the InstructGPT /
+StackLLaMA recipe on demonstrations (``TrainData.pairs`` whose ``chosen`` is the demonstration); merged into the
+base (:meth:`~prefopt.models.shared.SharedBase.merge_role`), that adapter makes the SFT model the base and the
+reference of every later stage. Loss: mean negative log-likelihood over response tokens only (prompt tokens and
+padding carry no loss); a response gets EOS appended unless its record says it was cut, so the model learns to stop.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from prefopt.backends._common import (
+    LR_SCHEDULES,
+    StepCallback,
+    TrainData,
+    adamw,
+    check_config,
+    encode_pairs,
+    lr_scheduler,
+    minibatches,
+    no_op,
+)
+from prefopt.backends.losses import masked_mean
+from prefopt.models.ops import make_batch, response_logprobs
+from prefopt.models.shared import SharedBase
+
+
+@dataclass
+class SFTConfig:
+    learning_rate: float = field(default=5e-4, metadata={"help": "AdamW learning rate for the LoRA adapter (as DPO's).", "positive": True})
+    lr_schedule: str = field(default="constant", metadata={"help": "'constant', or 'linear' decay to 0 over training."})
+    epochs: int = field(default=1, metadata={"help": "Passes over the demonstrations (the pairs' chosen responses for Preferred-FT).", "positive": True})
+    batch_size: int = field(default=16, metadata={"help": "Demonstrations per optimisation step.", "positive": True})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm.", "positive": True})
+    max_prompt_tokens: int = field(default=64, metadata={"help": "Prompts keep their last N tokens.", "positive": True})
+    max_response_tokens: int = field(default=64, metadata={"help": "Responses are cut to N tokens.", "positive": True})
+    seed: int | None = field(default=None, metadata={"help": "Seed for shuffling and the adapter's start (None: the run's master seed)."})
+
+    def __post_init__(self):
+        check_config(self)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"SFTConfig.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+
+    def needs_reward_model(self) -> bool:
+        return False
+
+
+Config = SFTConfig
+
+
+def total_steps(cfg: SFTConfig, data: TrainData) -> int:
+    """Optimisation steps ``train`` will run (the pipeline places checkpoint evaluations on these)."""
+    return cfg.epochs * -(-len(data.pairs) // cfg.batch_size)
+
+
+def sft_loss(token_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood over real response tokens: (B, R) log-probs and mask -> scalar."""
+    return -masked_mean(token_logprobs, mask)
+
+
+def train(
+    shared: SharedBase, cfg: SFTConfig, data: TrainData, *, role: str = "sft", on_step: StepCallback = no_op
+) -> None:
+    """Train adapter ``role`` to maximise the likelihood of each pair's ``chosen`` response given its prompt."""
+    if not data.pairs:
+        raise ValueError("SFT needs demonstrations: TrainData.pairs is empty")
+    seed = 0 if cfg.seed is None else cfg.seed
+    if role not in shared.roles:
+        shared.add_role(role, seed=seed)
+    tok, device = shared.tokenizer, shared.device
+    enc = encode_pairs(data.pairs, tok, cfg.max_prompt_tokens, cfg.max_response_tokens)
+    n = len(enc)
+    params = shared.adapter_parameters(role)
+    opt = adamw(params, cfg.learning_rate)
+    sched = lr_scheduler(opt, cfg.lr_schedule, total_steps(cfg, data))
+    rng = random.Random(seed)
+    step = 0
+    with shared.role(role) as lm:
+        for _ in range(cfg.epochs):
+            for idx in minibatches(n, cfg.batch_size, rng):
+                t0 = time.perf_counter()
+                batch = make_batch([enc.prompt_ids[i] for i in idx], [enc.chosen_ids[i] for i in idx],
+                                   tok.pad_token_id, device)
+                logps = response_logprobs(lm, batch).float()
+                loss = sft_loss(logps, batch.response_mask)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt.step()
+                sched.step()
+                step += 1
+                on_step(step, {
+                    "train/loss": loss.item(),
+                    "train/perplexity": float(torch.exp(loss.detach())),
+                    "train/tokens": int(batch.response_mask.sum().item()),
+                    "time/step_s": time.perf_counter() - t0,
+                })
