@@ -302,3 +302,45 @@ def test_preferred_ft_is_a_policy_like_any_other(tmp_path):
     info = json.loads((out / "policies" / "pft" / "policy.json").read_text())
     assert info["backend"] == "sft" and info["config"]["epochs"] == 2
     assert any(m["stage"] == "pft" and "train/perplexity" in m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()))
+
+
+def test_sft_stage_makes_the_sft_model_the_reference(tmp_path):
+    """data.demos: an SFT stage first; its adapter is saved in the run and merged into the base, so the
+    reference (and the pairs sampled from it) is the SFT model; `prefopt eval` rebuilds that base; the stage is
+    cached like the others."""
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text("".join(json.dumps({"prompt": f"Review: Film number {i}. It was", "completion": "zzzzzzzz"}) + "\n"
+                             for i in range(32)), encoding="utf-8")
+    sets = _sets("policies=dpo", f"data.demos={demos}", "sft.epochs=10", "sft.learning_rate=3e-2", "sft.batch_size=8")
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    res = runner.invoke(app, ["bench", "--preset", "smoke", *sets, "--out", str(out), "--cache", str(cache)])
+    assert res.exit_code == 0, res.output
+    assert "demos: " in res.output and "prompt-completion (32 rows)" in " ".join(res.output.split())
+    assert (out / "sft" / "adapter_model.safetensors").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["meta"]["sft"]["demos"] == 32 and summary["eval_settings"]["sft"] == summary["meta"]["sft"]["adapter"]
+
+    def z_share(folder):
+        rows = [json.loads(x) for x in (folder / "samples.jsonl").read_text().splitlines()]
+        text = "".join(r["response"] for r in rows if r["policy"] == "reference")
+        return text.count("z") / max(len(text), 1)
+
+    plain = tmp_path / "plain"
+    assert runner.invoke(app, ["bench", "--preset", "smoke", *_sets("policies=dpo"), "--out", str(plain)]).exit_code == 0
+    # the reference is the SFT model: other samples than the plain base's from the same seeds, leaning to 'z'
+    # (the tiny model's bounded logits let LoRA move p('z') from ~1% to a few %, no further; the exact check of
+    # merged = base + adapter is tests/test_models.py)
+    ref = lambda f: [r["response"] for r in map(json.loads, (f / "samples.jsonl").read_text().splitlines()) if r["policy"] == "reference"]  # noqa: E731
+    assert ref(out) != ref(plain) and z_share(out) > 2 * z_share(plain)
+
+    again = tmp_path / "again"
+    res = runner.invoke(app, ["bench", "--preset", "smoke", *sets, "--out", str(again), "--cache", str(cache)])
+    assert res.exit_code == 0 and "from the cache: sft, pairs" in " ".join(res.output.split())
+    assert json.loads((again / "summary.json").read_text())["summary"] == summary["summary"]
+
+    ev = tmp_path / "ev"
+    res = runner.invoke(app, ["eval", str(out), "--out", str(ev)])
+    assert res.exit_code == 0, res.output
+    assert ref(ev) == ref(out)  # the same SFT reference, rebuilt from the run folder
+    res = runner.invoke(app, ["eval", str(out), str(plain), "--out", str(tmp_path / "mixed")])
+    assert res.exit_code == 1 and "different SFT bases" in _one_error_line(res.output)

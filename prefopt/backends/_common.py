@@ -30,6 +30,7 @@ class TrainData:
 
     pairs: Sequence[PreferencePair] = ()
     prompts: Sequence = ()
+    demos: Sequence = ()  # Demonstrations (the SFT stage); SFT as a policy (Preferred-FT) uses the pairs' chosen
     score_fn: "ScoreFn | None" = None
     reward_model: object | None = None
 

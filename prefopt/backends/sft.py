@@ -22,13 +22,12 @@ from prefopt.backends._common import (
     TrainData,
     adamw,
     check_config,
-    encode_pairs,
     lr_scheduler,
     minibatches,
     no_op,
 )
 from prefopt.backends.losses import masked_mean
-from prefopt.models.ops import make_batch, response_logprobs
+from prefopt.models.ops import encode_prompts, encode_responses, make_batch, response_logprobs
 from prefopt.models.shared import SharedBase
 
 
@@ -57,7 +56,7 @@ Config = SFTConfig
 
 def total_steps(cfg: SFTConfig, data: TrainData) -> int:
     """Optimisation steps ``train`` will run (the pipeline places checkpoint evaluations on these)."""
-    return cfg.epochs * -(-len(data.pairs) // cfg.batch_size)
+    return cfg.epochs * -(-len(data.demos or data.pairs) // cfg.batch_size)
 
 
 def sft_loss(token_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -68,15 +67,21 @@ def sft_loss(token_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def train(
     shared: SharedBase, cfg: SFTConfig, data: TrainData, *, role: str = "sft", on_step: StepCallback = no_op
 ) -> None:
-    """Train adapter ``role`` to maximise the likelihood of each pair's ``chosen`` response given its prompt."""
-    if not data.pairs:
-        raise ValueError("SFT needs demonstrations: TrainData.pairs is empty")
+    """Train adapter ``role`` to maximise the likelihood of each demonstration's response given its prompt (the
+    pairs' ``chosen`` responses when there are no demonstrations: Preferred-FT)."""
+    if data.demos:
+        items = [(d.prompt, d.response, d.meta.get("response_eos", True)) for d in data.demos]
+    else:  # Preferred-FT: the chosen responses of the pairs
+        items = [(p.prompt, p.chosen, p.meta.get("chosen_eos", True)) for p in data.pairs]
+    if not items:
+        raise ValueError("SFT needs demonstrations: TrainData.demos and TrainData.pairs are empty")
     seed = 0 if cfg.seed is None else cfg.seed
     if role not in shared.roles:
         shared.add_role(role, seed=seed)
     tok, device = shared.tokenizer, shared.device
-    enc = encode_pairs(data.pairs, tok, cfg.max_prompt_tokens, cfg.max_response_tokens)
-    n = len(enc)
+    prompt_ids = encode_prompts([x[0] for x in items], tok, cfg.max_prompt_tokens)
+    response_ids = encode_responses([x[1] for x in items], tok, cfg.max_response_tokens, add_eos=[x[2] for x in items])
+    n = len(items)
     params = shared.adapter_parameters(role)
     opt = adamw(params, cfg.learning_rate)
     sched = lr_scheduler(opt, cfg.lr_schedule, total_steps(cfg, data))
@@ -86,8 +91,7 @@ def train(
         for _ in range(cfg.epochs):
             for idx in minibatches(n, cfg.batch_size, rng):
                 t0 = time.perf_counter()
-                batch = make_batch([enc.prompt_ids[i] for i in idx], [enc.chosen_ids[i] for i in idx],
-                                   tok.pad_token_id, device)
+                batch = make_batch([prompt_ids[i] for i in idx], [response_ids[i] for i in idx], tok.pad_token_id, device)
                 logps = response_logprobs(lm, batch).float()
                 loss = sft_loss(logps, batch.response_mask)
                 opt.zero_grad(set_to_none=True)

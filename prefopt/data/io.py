@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefopt.data.records import DataError, Message, PreferencePair, Prompt, PromptRecord
+from prefopt.data.records import DataError, Demonstration, Message, PreferencePair, Prompt, PromptRecord
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 """Local file types understood by the loaders (matched case-insensitively)."""
@@ -255,6 +255,42 @@ def load_prompts(
     if report.dropped:
         log.warning(report.line())
     return prompts
+
+
+def read_demos(
+    source: str | os.PathLike[str], *, split: str = "train", encoding_errors: str = "strict", skip_invalid: bool = False
+) -> tuple[list[Demonstration], DropReport]:
+    """Demonstrations for the SFT stage, detected per row: ``messages`` (a conversation whose last message is
+    the assistant's reply), ``prompt`` + ``completion`` (TRL prompt-completion, text or messages), ``prompt`` +
+    ``response``, or preference pairs (their ``chosen`` response)."""
+    return _adapt(_read_rows(source, split, encoding_errors), _demo_from_row, skip_invalid, source)
+
+
+def _demo_from_row(row: Row, loc: str, report: DropReport) -> list[Demonstration]:
+    if "messages" in row:
+        report.saw("conversational messages")
+        msgs = _messages(row["messages"] or [], "messages", loc)
+        if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
+            raise DataError(f"{loc}: field 'messages' must end with an assistant reply after the prompt's turns")
+        prompt: Prompt = msgs[:-1]
+        response = msgs[-1]["content"]
+    elif "completion" in row or "response" in row:
+        name = "completion" if "completion" in row else "response"
+        report.saw(f"prompt-{name}")
+        _require(row, "prompt", loc)
+        prompt, response = _prompt(row["prompt"], "prompt", loc), _response(row[name], name, loc)
+    elif "chosen" in row:
+        report.saw("pairs (their chosen responses)")
+        pair = _pair_from_row(row, loc, DropReport(""))[0]
+        prompt, response = pair.prompt, pair.chosen
+    else:
+        columns = ", ".join(map(str, row)) or "none"
+        raise DataError(f"{loc}: not a demonstration (columns: {columns}): give 'messages', 'prompt' + 'completion' "
+                        "(or 'response'), or preference pairs")
+    if not response.strip():
+        raise DataError(f"{loc}: the response is empty: a demonstration needs a response to imitate")
+    meta = {k: v for k, v in row.items() if k not in ("messages", "prompt", "completion", "response", "chosen", "rejected")}
+    return [Demonstration(prompt, response, meta)]
 
 
 def _adapt(rows: list[Located], adapter, skip_invalid: bool, source) -> tuple[list, DropReport]:

@@ -45,6 +45,16 @@ class PromptRecord:
     meta: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Demonstration:
+    """A response to imitate (the SFT stage): ``response`` is the text only, like a pair's ``chosen``; ``meta``
+    may say ``response_eos: false`` for a response that was cut (no EOS is learned then)."""
+
+    prompt: Prompt
+    response: str
+    meta: dict = field(default_factory=dict)
+
+
 class DataError(PrefoptError):
     """A user-facing input error.
 

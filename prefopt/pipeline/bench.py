@@ -25,8 +25,9 @@ import torch
 from prefopt import config as C
 from prefopt.backends import BACKENDS
 from prefopt.backends import rm as rm_backend
+from prefopt.backends import sft as sft_backend
 from prefopt.backends._common import TrainData
-from prefopt.data.io import load_pairs, read_pairs, read_prompts, write_pairs, write_prompts
+from prefopt.data.io import load_pairs, read_demos, read_pairs, read_prompts, write_pairs, write_prompts
 from prefopt.data.judges import Judge, load_judge
 from prefopt.data.records import PreferencePair, PromptRecord, prompt_key
 from prefopt.data.split import holdout_pairs, prompts_from_pairs, split_prompts
@@ -40,7 +41,7 @@ from prefopt.models.ops import decode_responses, encode_prompts, ends_with_eos, 
 from prefopt.models.rewards import SequenceClassifierReward, text_score_fn
 from prefopt.models.shared import SharedBase
 from prefopt.pipeline.config import EMBEDDED_PROMPTS, BenchConfig, Policy
-from prefopt.pipeline.stages import StageCache, pairs_spec, rm_spec
+from prefopt.pipeline.stages import StageCache, file_digest, pairs_spec, rm_spec, sft_spec
 from prefopt.reports.run import FILES, RunFolder, fill_run
 
 POLICY_INFO = "policy.json"
@@ -144,6 +145,7 @@ class Inputs:
     policies: dict[str, Policy]
     text_rewards: dict[str, object]  # 'hf:..' / 'py:..' reward sources, loaded once
     data_reports: list[dict] = field(default_factory=list)  # per data file: rows read, kept, dropped by kind
+    demos: list = field(default_factory=list)  # demonstrations of the SFT stage (empty: no SFT stage)
 
 
 def load_inputs(cfg: BenchConfig) -> Inputs:
@@ -155,6 +157,10 @@ def load_inputs(cfg: BenchConfig) -> Inputs:
     if d.pairs:
         pairs, report = read_pairs(d.pairs, encoding_errors=d.encoding_errors, skip_invalid=d.skip_invalid)
         reports.append({"data": "pairs", **report.to_dict(), "line": report.line(), "format": report.format_line()})
+    demos = []
+    if d.demos:
+        demos, report = read_demos(d.demos, encoding_errors=d.encoding_errors, skip_invalid=d.skip_invalid)
+        reports.append({"data": "demos", **report.to_dict(), "line": report.line(), "format": report.format_line()})
     if d.prompts == EMBEDDED_PROMPTS:
         prompts = prompts_from_pairs(pairs) if pairs is not None else sentiment_prompts()
     else:
@@ -176,7 +182,7 @@ def load_inputs(cfg: BenchConfig) -> Inputs:
             text_rewards[spec] = SequenceClassifierReward.load(spec[3:])
         else:
             text_rewards[spec] = load_judge(spec)  # py:module:function
-    return Inputs(prompts, pairs, judge, split.train, split.eval, held_out, policies, text_rewards, reports)
+    return Inputs(prompts, pairs, judge, split.train, split.eval, held_out, policies, text_rewards, reports, demos)
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -247,10 +253,21 @@ def prompts_digest(prompts: list[PromptRecord]) -> str:
     return hashlib.sha256("\n".join(prompt_key(p.prompt) for p in prompts).encode()).hexdigest()[:16]
 
 
-def eval_settings(cfg: BenchConfig, eval_prompts: list[PromptRecord]) -> dict:
-    """What two evaluations must share to be pooled (the report refuses otherwise)."""
-    return {"model": cfg.model, "judge": cfg.judge, "eval": cfg.eval.settings(),
-            "eval_prompts": prompts_digest(eval_prompts), "n_eval": len(eval_prompts)}
+def eval_settings(cfg: BenchConfig, eval_prompts: list[PromptRecord], sft: str | None = None) -> dict:
+    """What two evaluations must share to be pooled (the report refuses otherwise); ``sft``: the digest of the SFT
+    adapter merged into the base (the reference differs without the same one)."""
+    out = {"model": cfg.model, "judge": cfg.judge, "eval": cfg.eval.settings(),
+           "eval_prompts": prompts_digest(eval_prompts), "n_eval": len(eval_prompts)}
+    if sft is not None:
+        out["sft"] = sft
+    return out
+
+
+SFT_DIR = "sft"  # the SFT stage's adapter in a run folder (merged into the base of every later stage)
+
+
+def sft_digest(folder: Path) -> str:
+    return file_digest(Path(folder) / "adapter_model.safetensors")
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -294,12 +311,34 @@ def _run(cfg: BenchConfig, inputs: Inputs, folder: RunFolder, stages: Stages, ev
         lm, tok = base_model(cfg.model, device)
     shared = SharedBase(lm, tok, cfg.lora)
 
+    # 1b. the SFT stage (optional): an adapter on the demonstrations, merged into the base, which becomes the
+    #     reference of every later stage
+    sft_key = sft_id = None
+    if inputs.demos:
+        sft_cfg = copy.deepcopy(cfg.sft)
+        sft_cfg.seed = cfg.seed if sft_cfg.seed is None else sft_cfg.seed
+        with cache.claim("sft", sft_spec(cfg, inputs.demos)) as claim:
+            sft_key = claim.key
+            if claim.hit is not None:
+                t0 = time.perf_counter()
+                shared.load_role(SFT_DIR, claim.hit)
+                stages.note("sft", time.perf_counter() - t0, "from the cache")
+                hits.append("sft")
+            else:
+                data = TrainData(demos=inputs.demos)
+                with stages.stage("sft", total=sft_backend.total_steps(sft_cfg, data), unit_metrics=("train/loss",)) as adv:
+                    sft_backend.train(shared, sft_cfg, data, role=SFT_DIR, on_step=stages.logger("sft", adv))
+                claim.store(lambda d: shared.save_role(SFT_DIR, d))
+        shared.save_role(SFT_DIR, folder.path / SFT_DIR)
+        sft_id = sft_digest(folder.path / SFT_DIR)
+        shared = shared.merge_role(SFT_DIR)
+
     # 2. preference pairs (synthetic unless given; cached by what they depend on)
     if inputs.given_pairs is not None:
         train_pairs = inputs.given_pairs
         pairs_key = hashlib.sha256(json.dumps([p.__dict__ for p in train_pairs], sort_keys=True, default=str).encode()).hexdigest()[:16]
     else:
-        with cache.claim("pairs", pairs_spec(cfg)) as claim:
+        with cache.claim("pairs", pairs_spec(cfg, sft_key)) as claim:
             pairs_key = claim.key
             if claim.hit is not None:
                 t0 = time.perf_counter()
@@ -321,7 +360,7 @@ def _run(cfg: BenchConfig, inputs: Inputs, folder: RunFolder, stages: Stages, ev
     if cfg.rm.when == "always" or any(p.config.needs_reward_model() for p in inputs.policies.values()):
         rm_cfg = copy.deepcopy(cfg.rm)
         rm_cfg.seed = cfg.seed if rm_cfg.seed is None else rm_cfg.seed
-        with cache.claim("rm", rm_spec(cfg, pairs_key)) as claim:
+        with cache.claim("rm", rm_spec(cfg, pairs_key, sft_key)) as claim:
             if claim.hit is not None:
                 t0 = time.perf_counter()
                 rm = rm_backend.RewardModel.load(shared, claim.hit)
@@ -382,11 +421,12 @@ def _run(cfg: BenchConfig, inputs: Inputs, folder: RunFolder, stages: Stages, ev
         "timings_s": timings, "cache_hits": hits, "n_train_prompts": len(inputs.train),
         "n_eval_prompts": len(inputs.eval), "n_pairs": len(train_pairs), "n_pairs_held_out": inputs.held_out,
         "n_held_out_eval_pairs": n_pairs_eval, "rm_score_offset": rm.offset if rm is not None else None,
-        "data_reports": inputs.data_reports, "created": datetime.now().isoformat(timespec="seconds"), **extra_meta,
+        "data_reports": inputs.data_reports, "sft": {"demos": len(inputs.demos), "adapter": sft_id} if sft_id else None,
+        "created": datetime.now().isoformat(timespec="seconds"), **extra_meta,
     }
     if inputs.data_reports:  # what was read from each data file and what was dropped: a run trains on nothing unreported
         folder.write_json(FILES["data_report"], inputs.data_reports)
-    extra = {"eval_settings": eval_settings(cfg, inputs.eval), "metric_versions": metric_versions(),
+    extra = {"eval_settings": eval_settings(cfg, inputs.eval, sft_id), "metric_versions": metric_versions(),
              "policy_info": policy_info, "backends": list(BACKENDS)}
     fill_run(folder, config=C.to_dict(cfg), metrics=stages.metrics, summary=summary, samples=samples, meta=meta,
              policies=[REFERENCE, *inputs.policies] if summary else list(inputs.policies), extra=extra,

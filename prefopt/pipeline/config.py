@@ -35,6 +35,9 @@ class DataConfig:
     prompt_field: str | None = field(default=None, metadata={"help": "Column holding the prompt (default 'prompt')."})
     prefix_words: tuple[int, int] | None = field(default=None, metadata={"help": "Take the first LO..HI words of a text column as the prompt (IMDb-style), e.g. 2-8."})
     pairs: str | None = field(default=None, metadata={"help": "Preference pairs file/dataset; if unset, pairs are synthesised from the reference policy."})
+    demos: str | None = field(default=None, metadata={"help": "Demonstrations for an SFT stage before everything else (messages, prompt+completion, "
+                                                      "or pairs' chosen): the SFT adapter (section 'sft') is merged into the base, "
+                                                      "which becomes the reference of every later stage."})
     encoding_errors: str = field(default="strict", metadata={"help": "Invalid UTF-8 in data files: 'strict' stops with the line; 'replace' reads "
                                                              "bad bytes as U+FFFD and reports how many on which lines."})
     skip_invalid: bool = field(default=False, metadata={"help": "Drop rows of data files that cannot be used (each kind counted, "

@@ -26,7 +26,7 @@ from prefopt.eval.harness import REFERENCE, evaluate
 from prefopt.eval.metrics import metric_versions
 from prefopt.models.base import pick_device
 from prefopt.models.shared import LoraSettings, SharedBase
-from prefopt.pipeline.bench import POLICY_INFO, RunResult, Stages, base_model, eval_settings, versions
+from prefopt.pipeline.bench import POLICY_INFO, SFT_DIR, RunResult, Stages, base_model, eval_settings, sft_digest, versions
 from prefopt.pipeline.config import BenchConfig
 from prefopt.reports.run import FILES, read_marker, write_run
 
@@ -54,6 +54,11 @@ def evaluate_runs(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike 
     models = {r["config"].get("model") for r in runs}
     if len(models) > 1:
         raise RunError(f"runs are on different base models ({', '.join(sorted(map(str, models)))}): evaluate each base separately")
+    sfts = {sft_digest(r["dir"] / SFT_DIR) if (r["dir"] / SFT_DIR).is_dir() else None for r in runs}
+    if len(sfts) > 1:
+        raise RunError("runs are on different SFT bases (or some had an SFT stage and others not): evaluate each "
+                       "base separately")
+    sft_id = sfts.pop()
     data = copy.deepcopy(runs[0]["config"])
     for text in sets:
         path, raw = C.parse_assignment(text)
@@ -81,6 +86,9 @@ def evaluate_runs(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike 
     with stages.stage("load base"):
         lm, tok = base_model(cfg.model, device)
     shared = SharedBase(lm, tok, LoraSettings(**data.get("lora", {})))
+    if sft_id is not None:  # the runs' base: their SFT adapter merged in (the reference is the SFT model)
+        shared.load_role(SFT_DIR, runs[0]["dir"] / SFT_DIR)
+        shared = shared.merge_role(SFT_DIR)
     roles, proxies, rms, policy_info = {}, {}, {}, {}
     for display, (run_dir, policy) in names.items():
         role = re.sub(r"[^A-Za-z0-9_]", "_", f"p{len(roles)}_{policy}")
@@ -102,7 +110,7 @@ def evaluate_runs(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike 
     meta = {"versions": versions(), "runs": [str(r["dir"]) for r in runs], "device": str(shared.device),
             "timings_s": timings, "n_eval_prompts": len(prompts), "n_held_out_eval_pairs": result.n_held_out_pairs,
             "seed": cfg.seed, "created": datetime.now().isoformat(timespec="seconds")}
-    extra = {"eval_settings": eval_settings(cfg, prompts), "metric_versions": metric_versions(),
+    extra = {"eval_settings": eval_settings(cfg, prompts, sft_id), "metric_versions": metric_versions(),
              "policy_info": policy_info, "backends": list(BACKENDS)}
     path = write_run(out, config=C.to_dict(cfg), metrics=[], summary=result.summary, samples=result.samples,
                      meta=meta, policies=list(policies), overwrite=overwrite, kind="eval", extra=extra)

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import prefopt
 from prefopt.pipeline.config import EMBEDDED_PROMPTS, BenchConfig
 
-STAGE_VERSIONS = {"pairs": 1, "rm": 1}
+STAGE_VERSIONS = {"pairs": 1, "rm": 1, "sft": 1}
 DONE = "stage.json"
 
 
@@ -63,19 +63,34 @@ def fingerprint(spec: dict) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def pairs_spec(cfg: BenchConfig) -> dict:
+def pairs_spec(cfg: BenchConfig, sft_key: str | None = None) -> dict:
     d = asdict(cfg.data)
-    return {"stage": "pairs", "v": STAGE_VERSIONS["pairs"], "prefopt": prefopt.__version__,
+    spec = {"stage": "pairs", "v": STAGE_VERSIONS["pairs"], "prefopt": prefopt.__version__,
             "model": model_identity(cfg.model), "judge": cfg.judge, "seed": cfg.seed, "data": d,
             "prompts": source_identity(None if cfg.data.prompts == EMBEDDED_PROMPTS else cfg.data.prompts)}
+    if sft_key is not None:  # sampled from the SFT model
+        spec["sft"] = sft_key
+    return spec
 
 
-def rm_spec(cfg: BenchConfig, pairs_key: str) -> dict:
+def rm_spec(cfg: BenchConfig, pairs_key: str, sft_key: str | None = None) -> dict:
     rm = asdict(cfg.rm)
     rm["seed"] = cfg.seed if cfg.rm.seed is None else cfg.rm.seed
     rm.pop("when", None)  # when to train it does not change what is trained
-    return {"stage": "rm", "v": STAGE_VERSIONS["rm"], "prefopt": prefopt.__version__,
+    spec = {"stage": "rm", "v": STAGE_VERSIONS["rm"], "prefopt": prefopt.__version__,
             "model": model_identity(cfg.model), "pairs": pairs_key, "rm": rm, "lora": asdict(cfg.lora)}
+    if sft_key is not None:  # trained on the SFT base
+        spec["sft"] = sft_key
+    return spec
+
+
+def sft_spec(cfg: BenchConfig, demos: list) -> dict:
+    """The SFT stage depends on the base, the demonstrations themselves, the 'sft' section, LoRA and the seed."""
+    sft = asdict(cfg.sft)
+    sft["seed"] = cfg.seed if cfg.sft.seed is None else cfg.sft.seed
+    content = json.dumps([[d.prompt, d.response, d.meta] for d in demos], sort_keys=True, default=str)
+    return {"stage": "sft", "v": STAGE_VERSIONS["sft"], "prefopt": prefopt.__version__, "model": model_identity(cfg.model),
+            "demos": hashlib.sha256(content.encode()).hexdigest()[:16], "sft": sft, "lora": asdict(cfg.lora)}
 
 
 class StageCache:
