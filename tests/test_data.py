@@ -804,3 +804,31 @@ def test_hub_names_with_subset_and_split(monkeypatch: pytest.MonkeyPatch) -> Non
                      ("HuggingFaceH4/ultrafeedback_binarized", (), {}, "train_prefs")]
     assert parse_hub_name("a/b:c@d") == ("a/b", "c", "d") and parse_hub_name("a/b", "test") == ("a/b", None, "test")
     assert "file not found" in data_error(load_pairs, "a/b/c:d")  # more than one '/' is a path, not a hub name
+
+
+def test_demonstrations_in_every_shape(tmp_path: Path) -> None:
+    from prefopt.data.io import read_demos, read_prompts
+
+    rows = [
+        {"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}]},
+        {"prompt": "q2", "completion": "a2"},
+        {"prompt": "q3", "response": "a3"},
+        {"prompt": "q4", "chosen": "a4", "rejected": "no"},
+        {"question": "q5", "answers": [{"text": "meh", "upvotes": 0}, {"text": "a5", "upvotes": 9, "accepted": True}]},
+    ]
+    demos, report = read_demos(write_jsonl(tmp_path / "d.jsonl", rows))
+    assert [(d.prompt, d.response) for d in demos] == [([{"role": "user", "content": "q1"}], "a1"), ("q2", "a2"),
+                                                       ("q3", "a3"), ("q4", "a4"), ("q5", "a5")]
+    assert set(report.formats) == {"conversational messages", "prompt-completion", "prompt-response",
+                                   "pairs (their chosen responses)", "stack-exchange answers (the best one)"}
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "completion": " "}])
+    assert "bad.jsonl:1: the response is empty" in data_error(read_demos, bad)
+    # a text corpus: the prompt is cut exactly as the prompts of the same file and seed, the rest is the response
+    words = " ".join(f"w{i}" for i in range(80))
+    corpus = write_jsonl(tmp_path / "reviews.jsonl", [{"review": f"{words} r{j}"} for j in range(6)])
+    demos, report = read_demos(corpus, seed=3, max_words=10)
+    prompts, _ = read_prompts(corpus, seed=3)
+    assert [d.prompt for d in demos] == [p.prompt for p in prompts]
+    for d in demos:
+        n = len(d.prompt.split())
+        assert d.response == " " + " ".join(f"w{i}" for i in range(n, n + 10)) and d.meta["response_eos"] is False

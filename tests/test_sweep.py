@@ -139,6 +139,36 @@ def test_shipped_sweep_and_config_files_validate():
         assert len(spec.cells) >= 10, f
 
 
+def test_shipped_run_configs_validate_and_the_stackllama_recipe_runs(tmp_path):
+    """The SFT configs in benchmarks/ build as the README says; the StackLLaMA one runs end to end (SFT -> RM ->
+    PPO, plus Preferred-FT and DPO) on our Stack Exchange fixture, on the tiny model."""
+    import json
+
+    from conftest import MICRO
+    from typer.testing import CliRunner
+
+    from prefopt.cli import app
+    from prefopt.pipeline.config import load_config
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    imdb = root.parent.parent / "shared" / "data" / "imdb_reviews_1999.csv"
+    cfg = load_config("default", str(root / "imdb_sft_comparison.yaml"), (f"data.prompts={imdb}", f"data.demos={imdb}"))
+    assert cfg.data.demos and sorted(cfg.policies) == ["dpo", "ppo"]
+    se = tmp_path / "se.jsonl"
+    se.write_text("".join(json.dumps({"question": f"How do I do thing {i}?", "answers": [
+        {"text": f"Use tool {i}.", "upvotes": 7, "accepted": True}, {"text": "No idea.", "upvotes": 0},
+        {"text": "Read the docs.", "upvotes": 2}]}) + "\n" for i in range(40)), encoding="utf-8")
+    sets = [a for s in (*MICRO, "model=tiny", "judge=chars", "lora.r=4", f"data.demos={se}", f"data.pairs={se}",
+                        "sft.batch_size=8", "pft.batch_size=8") for a in ("--set", s)]
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["bench", "--config", str(root / "stackllama_style.yaml"), *sets, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert {r["policy"] for r in summary["summary"]} == {"reference", "ppo", "pft", "dpo"}
+    assert summary["meta"]["sft"]["demos"] == 40 - summary["meta"]["data_reports"][1]["held_out_eval_prompts"]
+    assert (out / "sft" / "adapter_model.safetensors").is_file() and (out / "rm").is_dir()
+
+
 def test_a_sweep_folder_refuses_a_different_sweep(tmp_path):
     from prefopt.errors import RunError
     from prefopt.pipeline.sweep import _init_folder

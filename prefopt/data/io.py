@@ -36,6 +36,11 @@ from prefopt.data.records import DataError, Demonstration, Message, PreferencePa
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 """Local file types understood by the loaders (matched case-insensitively)."""
 
+TEXT_COLUMNS = ("text", "review", "content", "document")
+"""Columns of a text corpus: without a 'prompt' column (and no field given), prompts are their first words."""
+DEFAULT_PREFIX_WORDS = (2, 8)
+"""The DPO paper's IMDb prompts: the first 2-8 words of a review."""
+
 COMPRESSIONS = {".gz": gzip.decompress, ".bz2": bz2.decompress, ".xz": lzma.decompress}
 """Compressed files (``data.jsonl.gz``, ``train.csv.xz``...) are read whole and decompressed in memory."""
 
@@ -258,15 +263,47 @@ def load_prompts(
 
 
 def read_demos(
-    source: str | os.PathLike[str], *, split: str = "train", encoding_errors: str = "strict", skip_invalid: bool = False
+    source: str | os.PathLike[str], *, split: str = "train", encoding_errors: str = "strict", skip_invalid: bool = False,
+    prefix_words: tuple[int, int] = DEFAULT_PREFIX_WORDS, seed: int = 0, max_words: int = 48,
 ) -> tuple[list[Demonstration], DropReport]:
     """Demonstrations for the SFT stage, detected per row: ``messages`` (a conversation whose last message is
     the assistant's reply), ``prompt`` + ``completion`` (TRL prompt-completion, text or messages), ``prompt`` +
-    ``response``, or preference pairs (their ``chosen`` response)."""
-    return _adapt(_read_rows(source, split, encoding_errors), _demo_from_row, skip_invalid, source)
+    ``response``, preference pairs (their ``chosen`` response), Stack Exchange ``question`` + ``answers`` (the best
+    answer by the StackLLaMA score), or a text corpus (a ``text``/``review``/... column and nothing else that
+    names a prompt: the first ``prefix_words`` words are the prompt, exactly as :func:`read_prompts` cuts them with
+    the same ``seed``, and the next ``max_words`` words the response — the DPO paper's SFT on IMDb reviews)."""
+    rows = _read_rows(source, split, encoding_errors)
+    first = next((row for _, row in rows if isinstance(row, dict)), {})
+    corpus = next((c for c in TEXT_COLUMNS if c in first), None)
+    if corpus is not None and not {"messages", "prompt", "chosen", "question"} & set(first):
+        rng = random.Random(seed)
+
+        def adapt(row: Row, loc: str, report: DropReport) -> list[Demonstration]:
+            report.saw(f"text corpus '{corpus}' ({prefix_words[0]}-{prefix_words[1]} words, then up to {max_words})")
+            _require(row, corpus, loc)
+            if not isinstance(row[corpus], str):
+                raise DataError(f"{loc}: field '{corpus}' must be a string, got {type(row[corpus]).__name__}")
+            words = clean_text(row[corpus]).split(" ")
+            n = rng.randint(*prefix_words)
+            if len(words) <= n:
+                raise DataError(f"{loc}: field '{corpus}' has {len(words)} words: nothing is left to imitate after "
+                                f"the prompt's {n}")
+            meta = {k: v for k, v in row.items() if k != corpus}
+            return [Demonstration(" ".join(words[:n]), " " + " ".join(words[n : n + max_words]),
+                                  {**meta, "response_eos": len(words) <= n + max_words})]
+
+        return _adapt(rows, adapt, skip_invalid, source)
+    return _adapt(rows, _demo_from_row, skip_invalid, source)
 
 
 def _demo_from_row(row: Row, loc: str, report: DropReport) -> list[Demonstration]:
+    if "answers" in row and "chosen" not in row:
+        report.saw("stack-exchange answers (the best one)")
+        pairs = _answer_pairs(row, loc, DropReport(""))
+        if not pairs:
+            raise DataError(f"{loc}: field 'answers' has no answer scored above another: no best answer to imitate")
+        best = pairs[0]  # the largest score gap first: its chosen answer has the top score
+        return [Demonstration(best.prompt, best.chosen, {k: v for k, v in best.meta.items() if k != "rejected_score"})]
     if "messages" in row:
         report.saw("conversational messages")
         msgs = _messages(row["messages"] or [], "messages", loc)
@@ -602,11 +639,6 @@ def _parquet_rows(raw: bytes, label: str) -> list[Located]:
 
 # --------------------------------------------------------------------------- pair adapters
 
-
-TEXT_COLUMNS = ("text", "review", "content", "document")
-"""Columns of a text corpus: without a 'prompt' column (and no field given), prompts are their first words."""
-DEFAULT_PREFIX_WORDS = (2, 8)
-"""The DPO paper's IMDb prompts: the first 2-8 words of a review."""
 
 MAX_PAIRS_PER_QUESTION = 10
 """StackLLaMA: at most ten pairs of answers per question."""

@@ -159,7 +159,8 @@ def load_inputs(cfg: BenchConfig) -> Inputs:
         reports.append({"data": "pairs", **report.to_dict(), "line": report.line(), "format": report.format_line()})
     demos = []
     if d.demos:
-        demos, report = read_demos(d.demos, encoding_errors=d.encoding_errors, skip_invalid=d.skip_invalid)
+        demos, report = read_demos(d.demos, encoding_errors=d.encoding_errors, skip_invalid=d.skip_invalid,
+                                   prefix_words=d.prefix_words or (2, 8), seed=d.split_seed)
         reports.append({"data": "demos", **report.to_dict(), "line": report.line(), "format": report.format_line()})
     if d.prompts == EMBEDDED_PROMPTS:
         prompts = prompts_from_pairs(pairs) if pairs is not None else sentiment_prompts()
@@ -172,6 +173,9 @@ def load_inputs(cfg: BenchConfig) -> Inputs:
     held_out = 0
     if pairs is not None:
         pairs, held_out = holdout_pairs(pairs, split.eval)
+    if demos:  # an evaluation prompt never has its continuation in the SFT data (IMDb: the same review's words)
+        demos, held = holdout_pairs(demos, split.eval)
+        next(r for r in reports if r["data"] == "demos")["held_out_eval_prompts"] = held
     policies = cfg.resolved_policies()
     text_rewards: dict[str, object] = {}
     for pol in policies.values():
