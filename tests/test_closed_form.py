@@ -109,7 +109,8 @@ def _population_loss(g: torch.Tensor, cfg: "dpo.DPOConfig") -> torch.Tensor:
     zero = torch.zeros_like(h)
 
     def loss(x):
-        return dpo_loss(x, zero, zero, zero, beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)[0]
+        return dpo_loss(x, zero, zero, zero, beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+                        gamma=cfg.simpo_gamma)[0]
 
     return (p * loss(h) + (1 - p) * loss(-h)).mean()
 
@@ -164,6 +165,20 @@ def test_dpo_family_reaches_its_population_optimum(variant):
     assert _tv(pi, pi_star) < 0.05, (pi, pi_star)
 
 
+def test_simpo_reaches_its_population_optimum_without_a_reference():
+    """SimPO has no reference: g(y) = mean log pi(y) (one token here), so its optimum is pi* = softmax(g*) for the
+    minimiser g* of its population loss, whatever pi_ref is."""
+    torch.manual_seed(0)
+    shared, prompt_ids = _setup()
+    cfg = dpo.DPOConfig(beta=2.0, loss_type="simpo", simpo_gamma=1.0, learning_rate=3e-2, epochs=5, batch_size=1024,
+                        lr_schedule="linear", seed=0)
+    pi_star = torch.softmax(_population_optimum(cfg), -1)
+    assert _tv(_probs(shared, None, prompt_ids), pi_star) > 0.3
+    dpo.train(shared, cfg, TrainData(pairs=_bt_pairs()))
+    pi = _probs(shared, "dpo", prompt_ids)
+    assert _tv(pi, pi_star) < 0.05, (pi, pi_star)
+
+
 def test_hinge_reaches_the_minimum_of_its_population_loss():
     """SLiC's hinge has no unique optimum (it is piecewise linear: any g with the right margins is one), so the
     check is on the loss: its population minimum is a linear programme, solved exactly by scipy."""
@@ -197,9 +212,11 @@ def test_hinge_reaches_the_minimum_of_its_population_loss():
 
 
 def test_label_smoothing_is_refused_for_losses_it_does_not_change():
-    for loss_type in ("ipo", "hinge"):
+    for loss_type in ("ipo", "hinge", "simpo"):
         with pytest.raises(ValueError, match="label_smoothing applies to loss_type='sigmoid' only"):
             dpo.DPOConfig(loss_type=loss_type, label_smoothing=0.1)
+    with pytest.raises(ValueError, match="simpo_gamma applies to loss_type='simpo' only"):
+        dpo.DPOConfig(simpo_gamma=0.5)
 
 
 def test_sft_reaches_the_demonstrators_distribution():

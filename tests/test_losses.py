@@ -210,3 +210,11 @@ def test_future_kl_rewards_hand_computed():
     # token t is charged the KL of state t+1; the last real token gets the score and no KL
     want = torch.tensor([[-0.1, -0.2, 1.0], [-2.0, 0.0, 0.0]])
     assert torch.allclose(got, want)
+
+
+def test_simpo_loss_hand_computed():
+    # mean log-probs -1.0 (chosen) and -2.0 (rejected), no reference: -log sigmoid(beta * 1 - gamma)
+    c, r, z = t([-1.0]), t([-2.0]), t([0.0])
+    losses, rc, rr = dpo_loss(c, r, z, z, beta=2.0, loss_type="simpo", gamma=0.5)
+    assert math.isclose(losses.item(), -math.log(1 / (1 + math.exp(-(2.0 - 0.5)))), rel_tol=1e-6)
+    assert torch.allclose(rc, t([-2.0])) and torch.allclose(rr, t([-4.0]))

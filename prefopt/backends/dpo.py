@@ -23,7 +23,7 @@ from prefopt.backends._common import (
     minibatches,
     no_op,
 )
-from prefopt.backends.losses import DPO_LOSS_TYPES, dpo_loss
+from prefopt.backends.losses import DPO_LOSS_TYPES, REFERENCE_FREE, dpo_loss
 from prefopt.models.ops import make_batch, response_logprobs
 from prefopt.models.shared import SharedBase
 
@@ -31,10 +31,13 @@ from prefopt.models.shared import SharedBase
 @dataclass
 class DPOConfig:
     beta: float = field(default=0.1, metadata={"help": "sigmoid: the KL strength beta (DPO paper: 0.1; optimum pi_ref exp(r/beta)); "
-                                                "ipo: tau (optimum pi_ref exp(p(y > mu)/tau)); hinge: 1/margin.", "positive": True})
-    loss_type: str = field(default="sigmoid", metadata={"help": f"One of {DPO_LOSS_TYPES}: DPO, IPO, SLiC hinge (each trained to its "
+                                                "ipo: tau (optimum pi_ref exp(p(y > mu)/tau)); hinge: 1/margin; simpo: the scale of "
+                                                "the mean log-prob reward (no reference).", "positive": True})
+    loss_type: str = field(default="sigmoid", metadata={"help": f"One of {DPO_LOSS_TYPES}: DPO, IPO, SLiC hinge, SimPO (each trained to its "
                                                          "population optimum in tests/test_closed_form.py)."})
     label_smoothing: float = field(default=0.0, metadata={"help": "Conservative DPO: assumed label-flip rate in [0, 0.5)."})
+    simpo_gamma: float = field(default=0.0, metadata={"help": "SimPO's target reward margin gamma (paper: 0.5-1.5, with beta 2-2.5); "
+                                                      "loss_type='simpo' only."})
     learning_rate: float = field(default=5e-4, metadata={"help": "AdamW learning rate for the LoRA adapter (LoRA takes ~10x a full fine-tune's rate).", "positive": True})
     lr_schedule: str = field(default="constant", metadata={"help": "'constant', or 'linear' decay to 0 over training."})
     epochs: int = field(default=1, metadata={"help": "Passes over the preference pairs.", "positive": True})
@@ -52,6 +55,9 @@ class DPOConfig:
             raise ValueError(f"DPOConfig.loss_type must be one of {DPO_LOSS_TYPES}, got {self.loss_type!r}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"DPOConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.simpo_gamma and self.loss_type != "simpo":
+            raise ValueError(f"DPOConfig.simpo_gamma applies to loss_type='simpo' only; with loss_type={self.loss_type!r} "
+                             "it would change nothing: leave it at 0")
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise ValueError(f"DPOConfig.label_smoothing applies to loss_type='sigmoid' only (conservative DPO); "
                              f"with loss_type={self.loss_type!r} it would change nothing: leave it at 0")
@@ -69,10 +75,11 @@ def total_steps(cfg: DPOConfig, data: TrainData) -> int:
     return cfg.epochs * -(-len(data.pairs) // cfg.batch_size)
 
 
-def _sequence_logps(lm, prompts, responses, pad_id, device) -> torch.Tensor:
-    """Sum of response-token log-probs per sequence: (B,)."""
+def _sequence_logps(lm, prompts, responses, pad_id, device, mean: bool = False) -> torch.Tensor:
+    """Sum (or with ``mean``, the per-token mean: SimPO's length normalisation) of response-token log-probs: (B,)."""
     batch = make_batch(prompts, responses, pad_id, device)
-    return response_logprobs(lm, batch).sum(-1)
+    total = response_logprobs(lm, batch).sum(-1)
+    return total / batch.response_lengths.clamp(min=1) if mean else total
 
 
 def train(
@@ -88,8 +95,9 @@ def train(
 
     # 1. reference log-probs, once (pi_ref = base with adapters off)
     ref_chosen, ref_rejected = torch.zeros(n), torch.zeros(n)
+    reference_free = cfg.loss_type in REFERENCE_FREE
     with torch.no_grad(), shared.reference() as lm:
-        for i in range(0, n, 2 * cfg.batch_size):
+        for i in range(0, 0 if reference_free else n, 2 * cfg.batch_size):
             sl = slice(i, i + 2 * cfg.batch_size)
             ref_chosen[sl] = _sequence_logps(lm, data.prompt_ids[sl], data.chosen_ids[sl], tok.pad_token_id, device).float().cpu()
             ref_rejected[sl] = _sequence_logps(lm, data.prompt_ids[sl], data.rejected_ids[sl], tok.pad_token_id, device).float().cpu()
@@ -106,12 +114,12 @@ def train(
                 # 2. policy log-probs: chosen and rejected in one forward, rows [0, B) chosen, [B, 2B) rejected
                 prompts = [data.prompt_ids[i] for i in idx] * 2
                 responses = [data.chosen_ids[i] for i in idx] + [data.rejected_ids[i] for i in idx]
-                logps = _sequence_logps(lm, prompts, responses, tok.pad_token_id, device).float()
+                logps = _sequence_logps(lm, prompts, responses, tok.pad_token_id, device, mean=reference_free).float()
                 # 3. loss
                 losses, r_chosen, r_rejected = dpo_loss(
                     logps[: len(idx)], logps[len(idx) :],
                     ref_chosen[idx].to(device), ref_rejected[idx].to(device),
-                    beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+                    beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, gamma=cfg.simpo_gamma,
                 )
                 loss = losses.mean()
                 # 4. update

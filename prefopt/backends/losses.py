@@ -14,7 +14,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo")
+REFERENCE_FREE = ("simpo",)
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
@@ -66,6 +67,7 @@ def dpo_loss(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    gamma: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DPO-family losses from sequence log-probs, all (B,).
 
@@ -73,6 +75,8 @@ def dpo_loss(
       sigmoid (DPO):  -(1-e) log sigmoid(beta h) - e log sigmoid(-beta h)   (e = label_smoothing: conservative DPO)
       ipo:            (h - 1/(2 beta))^2
       hinge (SLiC):   relu(1 - beta h)
+      simpo:          -log sigmoid(beta h - gamma), reference-free (Meng et al. 2024): the caller passes
+                      length-normalised log-probs (mean over response tokens) and zeros for the reference
     Returns (losses, chosen_rewards, rejected_rewards) with implicit rewards beta * (log pi - log pi_ref).
     """
     if loss_type not in DPO_LOSS_TYPES:
@@ -84,6 +88,8 @@ def dpo_loss(
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     elif loss_type == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "simpo":
+        losses = -F.logsigmoid(beta * h - gamma)
     else:
         losses = torch.relu(1 - beta * h)
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
