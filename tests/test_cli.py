@@ -344,3 +344,18 @@ def test_sft_stage_makes_the_sft_model_the_reference(tmp_path):
     assert ref(ev) == ref(out)  # the same SFT reference, rebuilt from the run folder
     res = runner.invoke(app, ["eval", str(out), str(plain), "--out", str(tmp_path / "mixed")])
     assert res.exit_code == 1 and "different SFT bases" in _one_error_line(res.output)
+
+
+def test_rloo_is_a_policy_like_any_other(tmp_path):
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["bench", "--preset", "smoke", *_sets("policies=dpo", "policies.rloo-gt.backend=rloo",
+                                                                   "rloo-gt.reward=gold", "rloo-gt.steps=2",
+                                                                   "rloo-gt.max_new_tokens=6", "policies.rloo.backend=rloo",
+                                                                   "rloo.steps=2", "rloo.max_new_tokens=6"),
+                              "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert {r["policy"] for r in summary["summary"]} == {"reference", "dpo", "rloo-gt", "rloo"}
+    assert (out / "rm").is_dir()  # the 'rloo' policy (reward: rm) needed the reward model
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in steps if m["stage"] == "rloo-gt"] == [1, 2] and all("train/kl" in m for m in steps if m["stage"] == "rloo")

@@ -364,3 +364,31 @@ def test_ppo_reaches_the_optimum_over_sequences(kl_in, batch_size):
     ppo.train(shared, cfg, TrainData(prompts=prompt_ids, score_fn=score_fn))
     pi = _seq_probs(shared, "ppo", prompt_ids)
     assert _tv(pi, pi_star) < 0.05, _tv(pi, pi_star)
+
+
+# --------------------------------------------------------------------------------- RLOO on both closed forms
+@pytest.mark.parametrize("problem", ["one-token", "two-token"])
+def test_rloo_reaches_the_kl_regularised_optimum(problem):
+    from prefopt.backends import rloo
+
+    torch.manual_seed(0)
+    if problem == "one-token":
+        shared, prompt_ids = _setup()
+        pi_ref = _probs(shared, None, prompt_ids)
+        pi_star = _optimum(pi_ref)
+        rewards, index, probs, new_tokens = R, (lambda r: r[0]), _probs, 1
+    else:
+        shared, prompt_ids, pi_ref, rewards = _two_token_setup()
+        pi_star = pi_ref * torch.exp(rewards / BETA)
+        pi_star = pi_star / pi_star.sum()
+        index, probs, new_tokens = _seq_index, _seq_probs, 2
+    assert _tv(pi_ref, pi_star) > 0.3
+
+    def score_fn(prompts, responses):
+        return rewards[torch.tensor([index(x) for x in responses])]
+
+    cfg = rloo.RLOOConfig(steps=150, batch_size=32, k=8, learning_rate=1e-2, lr_schedule="linear", kl_coef=BETA,
+                          max_new_tokens=new_tokens, seed=0)
+    rloo.train(shared, cfg, TrainData(prompts=prompt_ids, score_fn=score_fn), role="ppo")
+    pi = probs(shared, "ppo", prompt_ids)
+    assert _tv(pi, pi_star) < 0.05, _tv(pi, pi_star)

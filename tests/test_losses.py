@@ -15,6 +15,7 @@ from prefopt.backends.losses import (
     masked_mean,
     ppo_policy_loss,
     ppo_value_loss,
+    rloo_advantages,
     whiten,
     whiten_scaled,
 )
@@ -218,3 +219,16 @@ def test_simpo_loss_hand_computed():
     losses, rc, rr = dpo_loss(c, r, z, z, beta=2.0, loss_type="simpo", gamma=0.5)
     assert math.isclose(losses.item(), -math.log(1 / (1 + math.exp(-(2.0 - 0.5)))), rel_tol=1e-6)
     assert torch.allclose(rc, t([-2.0])) and torch.allclose(rr, t([-4.0]))
+
+
+def test_rloo_advantages_against_the_naive_loop():
+    returns = t([1.0, 2.0, 6.0, -1.0, 0.0, 4.0])  # two prompts, k = 3
+    naive = []
+    for g in range(2):
+        group = returns[3 * g : 3 * g + 3].tolist()
+        for i in range(3):
+            naive.append(group[i] - sum(x for j, x in enumerate(group) if j != i) / 2)
+    assert torch.allclose(rloo_advantages(returns, 3), t(naive))
+    assert torch.allclose(rloo_advantages(returns, 3).view(2, 3).sum(-1), t([0.0, 0.0]))
+    with pytest.raises(ValueError):
+        rloo_advantages(returns, 4)

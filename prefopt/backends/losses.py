@@ -207,6 +207,16 @@ def future_kl_rewards(
     return rewards
 
 
+def rloo_advantages(returns: torch.Tensor, k: int) -> torch.Tensor:
+    """Leave-one-out advantages: rows come in groups of ``k`` samples of one prompt; each sample's baseline is the
+    mean return of the other k-1. (B*k,) -> (B*k,); equal to k/(k-1) * (R_i - mean of the group)."""
+    if k < 2 or returns.numel() % k:
+        raise ValueError(f"rloo_advantages needs k >= 2 dividing the batch, got k={k} for {returns.numel()} returns")
+    g = returns.view(-1, k)
+    others = (g.sum(-1, keepdim=True) - g) / (k - 1)
+    return (g - others).reshape(-1)
+
+
 def apply_eos_penalty(scores: torch.Tensor, ended: torch.Tensor, penalty: float | None) -> torch.Tensor:
     """Responses that never ended get ``penalty`` as their score (N+ details); others keep theirs. (B,)"""
     if penalty is None:
