@@ -359,3 +359,17 @@ def test_rloo_is_a_policy_like_any_other(tmp_path):
     assert (out / "rm").is_dir()  # the 'rloo' policy (reward: rm) needed the reward model
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in steps if m["stage"] == "rloo-gt"] == [1, 2] and all("train/kl" in m for m in steps if m["stage"] == "rloo")
+
+
+def test_offline_and_online_dpo_differ_in_one_switch(tmp_path):
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["bench", "--preset", "smoke", *_sets("policies=dpo", "policies.dpo-online.backend=dpo",
+                                                                   "dpo-online.reward=gold", "dpo-online.online_rounds=2",
+                                                                   "dpo-online.online_prompts=4"), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    online = [m for m in steps if m["stage"] == "dpo-online"]
+    assert [m["round"] for m in online] == [0, 1] and all("train/score" in m for m in online)
+    cfg = json.loads((out / "policies" / "dpo-online" / "policy.json").read_text())["config"]
+    offline = json.loads((out / "policies" / "dpo" / "policy.json").read_text())["config"]
+    assert {k for k in cfg if cfg[k] != offline[k]} == {"reward", "online_rounds", "online_prompts"}

@@ -392,3 +392,21 @@ def test_rloo_reaches_the_kl_regularised_optimum(problem):
     rloo.train(shared, cfg, TrainData(prompts=prompt_ids, score_fn=score_fn), role="ppo")
     pi = probs(shared, "ppo", prompt_ids)
     assert _tv(pi, pi_star) < 0.05, _tv(pi, pi_star)
+
+
+def test_online_dpo_reaches_the_kl_regularised_optimum():
+    """Online DPO: pairs sampled from the current policy each round, labelled Bradley–Terry on r at temperature 1;
+    DPO's optimum does not depend on who sampled the pairs, so it is pi_ref exp(r / beta) again."""
+    torch.manual_seed(0)
+    shared, prompt_ids = _setup()
+    pi_star = _optimum(_probs(shared, None, prompt_ids))
+
+    def score_fn(prompts, responses):
+        return R[torch.tensor([r[0] for r in responses])]
+
+    cfg = dpo.DPOConfig(beta=BETA, reward="py:unused:labels", online_rounds=60, online_prompts=1024,
+                        online_label_temperature=1.0, batch_size=1024, learning_rate=3e-2, lr_schedule="linear",
+                        max_response_tokens=1, seed=0)
+    dpo.train(shared, cfg, TrainData(prompts=prompt_ids, score_fn=score_fn))
+    pi = _probs(shared, "dpo", prompt_ids)
+    assert _tv(pi, pi_star) < 0.05, (pi, pi_star)

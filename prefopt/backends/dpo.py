@@ -1,4 +1,5 @@
-"""DPO and its relatives (IPO, hinge/SLiC, conservative DPO) on a LoRA adapter of the shared base.
+"""DPO and its relatives (IPO, hinge/SLiC, conservative DPO, SimPO), offline or online, on a LoRA adapter of the
+shared base.
 
 The reference is the same base with adapters disabled; its sequence log-probs are computed once before training
 (the reference never changes), which halves the forward passes per step. The loss is the pure function
@@ -18,6 +19,7 @@ from prefopt.backends._common import (
     TrainData,
     adamw,
     check_config,
+    check_reward_source,
     encode_pairs,
     lr_scheduler,
     minibatches,
@@ -38,6 +40,13 @@ class DPOConfig:
     label_smoothing: float = field(default=0.0, metadata={"help": "Conservative DPO: assumed label-flip rate in [0, 0.5)."})
     simpo_gamma: float = field(default=0.0, metadata={"help": "SimPO's target reward margin gamma (paper: 0.5-1.5, with beta 2-2.5); "
                                                       "loss_type='simpo' only."})
+    reward: str | None = field(default=None, metadata={"help": "None: offline, on the run's pairs. A reward source ('gold', 'rm', "
+                                                       "'hf:..', 'py:..'): online DPO, pairs sampled from the current policy "
+                                                       "each round and labelled by it (the one switch between the two)."})
+    online_rounds: int = field(default=8, metadata={"help": "Online DPO: sampling rounds (each: sample, label, one pass of steps).", "positive": True})
+    online_prompts: int = field(default=48, metadata={"help": "Online DPO: prompts per round (two samples each = one pair).", "positive": True})
+    online_label_temperature: float = field(default=0.1, metadata={"help": "Online DPO: Bradley–Terry temperature of the labels on "
+                                                                   "score differences (as data.annotator's).", "positive": True})
     learning_rate: float = field(default=5e-4, metadata={"help": "AdamW learning rate for the LoRA adapter (LoRA takes ~10x a full fine-tune's rate).", "positive": True})
     lr_schedule: str = field(default="constant", metadata={"help": "'constant', or 'linear' decay to 0 over training."})
     epochs: int = field(default=1, metadata={"help": "Passes over the preference pairs.", "positive": True})
@@ -55,6 +64,8 @@ class DPOConfig:
             raise ValueError(f"DPOConfig.loss_type must be one of {DPO_LOSS_TYPES}, got {self.loss_type!r}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"DPOConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.reward is not None:
+            check_reward_source("DPOConfig", self.reward)
         if self.simpo_gamma and self.loss_type != "simpo":
             raise ValueError(f"DPOConfig.simpo_gamma applies to loss_type='simpo' only; with loss_type={self.loss_type!r} "
                              "it would change nothing: leave it at 0")
@@ -64,7 +75,7 @@ class DPOConfig:
 
 
     def needs_reward_model(self) -> bool:
-        return False
+        return self.reward == "rm"
 
 
 Config = DPOConfig
@@ -72,6 +83,8 @@ Config = DPOConfig
 
 def total_steps(cfg: DPOConfig, data: TrainData) -> int:
     """Optimisation steps ``train`` will run (the pipeline places checkpoint evaluations on these)."""
+    if cfg.reward is not None:  # online: a pass over each round's fresh pairs
+        return cfg.online_rounds * -(-cfg.online_prompts // cfg.batch_size)
     return cfg.epochs * -(-len(data.pairs) // cfg.batch_size)
 
 
@@ -82,57 +95,107 @@ def _sequence_logps(lm, prompts, responses, pad_id, device, mean: bool = False) 
     return total / batch.response_lengths.clamp(min=1) if mean else total
 
 
+def _reference_logps(shared: SharedBase, cfg: DPOConfig, enc, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence log-probs of chosen and rejected under pi_ref (base, adapters off), once; zeros for SimPO."""
+    n, tok = len(enc), shared.tokenizer
+    ref_chosen, ref_rejected = torch.zeros(n), torch.zeros(n)
+    if cfg.loss_type in REFERENCE_FREE:
+        return ref_chosen, ref_rejected
+    with torch.no_grad(), shared.reference() as lm:
+        for i in range(0, n, 2 * cfg.batch_size):
+            sl = slice(i, i + 2 * cfg.batch_size)
+            ref_chosen[sl] = _sequence_logps(lm, enc.prompt_ids[sl], enc.chosen_ids[sl], tok.pad_token_id, device).float().cpu()
+            ref_rejected[sl] = _sequence_logps(lm, enc.prompt_ids[sl], enc.rejected_ids[sl], tok.pad_token_id, device).float().cpu()
+    return ref_chosen, ref_rejected
+
+
+def _epoch(lm, cfg: DPOConfig, enc, ref, params, opt, sched, rng, on_step, step: int, epoch: int, device, pad_id,
+           extra: dict | None = None) -> int:
+    """One pass of minibatch steps over encoded pairs; returns the last step number."""
+    ref_chosen, ref_rejected = ref
+    for idx in minibatches(len(enc), cfg.batch_size, rng):
+        t0 = time.perf_counter()
+        # policy log-probs: chosen and rejected in one forward, rows [0, B) chosen, [B, 2B) rejected
+        prompts = [enc.prompt_ids[i] for i in idx] * 2
+        responses = [enc.chosen_ids[i] for i in idx] + [enc.rejected_ids[i] for i in idx]
+        logps = _sequence_logps(lm, prompts, responses, pad_id, device, mean=cfg.loss_type in REFERENCE_FREE).float()
+        losses, r_chosen, r_rejected = dpo_loss(
+            logps[: len(idx)], logps[len(idx) :], ref_chosen[idx].to(device), ref_rejected[idx].to(device),
+            beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, gamma=cfg.simpo_gamma,
+        )
+        loss = losses.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        step += 1
+        on_step(step, {
+            "train/loss": loss.item(),
+            "train/reward_margin": (r_chosen - r_rejected).mean().item(),
+            "train/reward_accuracy": (r_chosen > r_rejected).float().mean().item(),
+            "epoch": epoch,
+            **(extra or {}),
+            "time/step_s": time.perf_counter() - t0,
+        })
+    return step
+
+
 def train(
     shared: SharedBase, cfg: DPOConfig, data: TrainData, *, role: str = "dpo", on_step: StepCallback = no_op
 ) -> None:
-    """Train adapter ``role`` on ``data.pairs`` with the configured DPO-family loss."""
+    """Train adapter ``role`` with the configured DPO-family loss: on ``data.pairs`` (offline), or with
+    ``cfg.reward`` set, on pairs sampled from the current policy every round and labelled by ``data.score_fn``."""
     seed = 0 if cfg.seed is None else cfg.seed
     if role not in shared.roles:
         shared.add_role(role, seed=seed)
     tok, device = shared.tokenizer, shared.device
-    data = encode_pairs(data.pairs, tok, cfg.max_prompt_tokens, cfg.max_response_tokens)
-    n = len(data)
-
-    # 1. reference log-probs, once (pi_ref = base with adapters off)
-    ref_chosen, ref_rejected = torch.zeros(n), torch.zeros(n)
-    reference_free = cfg.loss_type in REFERENCE_FREE
-    with torch.no_grad(), shared.reference() as lm:
-        for i in range(0, 0 if reference_free else n, 2 * cfg.batch_size):
-            sl = slice(i, i + 2 * cfg.batch_size)
-            ref_chosen[sl] = _sequence_logps(lm, data.prompt_ids[sl], data.chosen_ids[sl], tok.pad_token_id, device).float().cpu()
-            ref_rejected[sl] = _sequence_logps(lm, data.prompt_ids[sl], data.rejected_ids[sl], tok.pad_token_id, device).float().cpu()
-
     params = shared.adapter_parameters(role)
     opt = adamw(params, cfg.learning_rate)
-    sched = lr_scheduler(opt, cfg.lr_schedule, cfg.epochs * -(-n // cfg.batch_size))
+    sched = lr_scheduler(opt, cfg.lr_schedule, total_steps(cfg, data))
     rng = random.Random(seed)
+    if cfg.reward is None:
+        enc = encode_pairs(data.pairs, tok, cfg.max_prompt_tokens, cfg.max_response_tokens)
+        ref = _reference_logps(shared, cfg, enc, device)
+        step = 0
+        with shared.role(role) as lm:
+            for epoch in range(cfg.epochs):
+                step = _epoch(lm, cfg, enc, ref, params, opt, sched, rng, on_step, step, epoch, device, tok.pad_token_id)
+        return
+    _train_online(shared, cfg, data, role, params, opt, sched, rng, seed, on_step)
+
+
+def _train_online(shared, cfg: DPOConfig, data: TrainData, role: str, params, opt, sched, rng, seed, on_step) -> None:
+    """Online (iterative) DPO: each round samples two responses per prompt from the current policy, labels them
+    with the reward source through a Bradley–Terry annotator at ``online_label_temperature``, and takes one pass
+    of DPO steps on them; the reference stays pi_ref."""
+    from prefopt.backends._common import EncodedPairs, encode_training_prompts
+    from prefopt.models.ops import sample
+
+    if data.score_fn is None:
+        raise ValueError("online DPO needs a reward source to label its pairs: TrainData.score_fn is None")
+    tok, device = shared.tokenizer, shared.device
+    prompt_ids = encode_training_prompts(data.prompts, tok, cfg.max_prompt_tokens)
+    order: list[int] = []
     step = 0
-    with shared.role(role) as lm:
-        for epoch in range(cfg.epochs):
-            for idx in minibatches(n, cfg.batch_size, rng):
-                t0 = time.perf_counter()
-                # 2. policy log-probs: chosen and rejected in one forward, rows [0, B) chosen, [B, 2B) rejected
-                prompts = [data.prompt_ids[i] for i in idx] * 2
-                responses = [data.chosen_ids[i] for i in idx] + [data.rejected_ids[i] for i in idx]
-                logps = _sequence_logps(lm, prompts, responses, tok.pad_token_id, device, mean=reference_free).float()
-                # 3. loss
-                losses, r_chosen, r_rejected = dpo_loss(
-                    logps[: len(idx)], logps[len(idx) :],
-                    ref_chosen[idx].to(device), ref_rejected[idx].to(device),
-                    beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, gamma=cfg.simpo_gamma,
-                )
-                loss = losses.mean()
-                # 4. update
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                opt.step()
-                sched.step()
-                step += 1
-                on_step(step, {
-                    "train/loss": loss.item(),
-                    "train/reward_margin": (r_chosen - r_rejected).mean().item(),
-                    "train/reward_accuracy": (r_chosen > r_rejected).float().mean().item(),
-                    "epoch": epoch,
-                    "time/step_s": time.perf_counter() - t0,
-                })
+    for rnd in range(cfg.online_rounds):
+        while len(order) < cfg.online_prompts:
+            more = list(range(len(prompt_ids)))
+            rng.shuffle(more)
+            order += more
+        mine, order = order[: cfg.online_prompts], order[cfg.online_prompts :]
+        prompts = [prompt_ids[i] for i in mine for _ in range(2)]
+        with torch.no_grad(), shared.role(role) as lm:
+            responses = sample(lm, tok, prompts, max_new_tokens=cfg.max_response_tokens, temperature=1.0,
+                               seed=seed * 100_003 + rnd, batch_size=len(prompts))
+        scores = data.score_fn(prompts, responses).float().cpu()
+        a, b = scores[0::2], scores[1::2]
+        gen = torch.Generator().manual_seed(seed * 7919 + rnd)
+        a_wins = torch.rand(len(a), generator=gen) < torch.sigmoid((a - b) / cfg.online_label_temperature)
+        chosen = [responses[2 * i] if w else responses[2 * i + 1] for i, w in enumerate(a_wins.tolist())]
+        rejected = [responses[2 * i + 1] if w else responses[2 * i] for i, w in enumerate(a_wins.tolist())]
+        enc = EncodedPairs([prompt_ids[i] for i in mine], chosen, rejected, [None] * len(mine))
+        ref = _reference_logps(shared, cfg, enc, device)
+        with shared.role(role) as lm:
+            step = _epoch(lm, cfg, enc, ref, params, opt, sched, rng, on_step, step, rnd, device, tok.pad_token_id,
+                          extra={"train/score": scores.mean().item(), "round": rnd})
