@@ -268,7 +268,9 @@ def _prefix(text: Optional[str]):
 def data_inspect(
     source: str = typer.Argument(..., help="A .jsonl/.json/.csv/.parquet file (optionally .gz/.bz2/.xz) or a hub dataset."),
     as_: str = AS, field: Optional[str] = FIELD, prefix_words: Optional[str] = PREFIX, seed: int = SPLIT_SEED,
-    encoding_errors: str = ENC, skip_invalid: bool = SKIP_INVALID,
+    encoding_errors: Optional[str] = typer.Option(None, "--encoding-errors", help="Default: strict, and if the file has "
+                                                  "invalid UTF-8, read it as U+FFFD and say so. 'strict' or 'replace' to choose."),
+    skip_invalid: bool = SKIP_INVALID,
     model: str = typer.Option("smollm2-135m-instruct", help="Tokenizer for the token lengths and the rendering (no weights are loaded)."),
     examples: int = typer.Option(3, help="Examples to show exactly as the model sees them."),
 ) -> None:
@@ -283,6 +285,8 @@ def data_inspect(
                              prefix_words=_prefix(prefix_words), seed=seed, encoding_errors=encoding_errors,
                              skip_invalid=skip_invalid)
     plain = {"highlight": False, "markup": False, "soft_wrap": True}
+    for note in ins.notes:
+        out.print(f"note: {note}", **plain)
     out.print(f"format: {ins.report.format_line()}", **plain)
     out.print(f"rows: {ins.report.line()}", **plain)
     table = Table(title=f"tokens ({model})", title_justify="left")

@@ -64,7 +64,8 @@ def test_the_corpus_is_all_there():
 def test_bad_file_is_one_line_and_writes_nothing(name, tmp_path):
     path = BAD / name
     strict, lenient = CORPUS[name]
-    res = runner.invoke(app, ["data", "inspect", str(path), "--model", "tiny"], env={"COLUMNS": "400"})
+    res = runner.invoke(app, ["data", "inspect", str(path), "--model", "tiny", "--encoding-errors", "strict"],
+                        env={"COLUMNS": "400"})
     assert res.exit_code == 1, res.output
     assert _lines(res.output) == [_lines(res.output)[0]] and _lines(res.output)[0].startswith(f"error: {path}{strict}")
     sets = [a for s in (*MICRO, f"data.pairs={path}") for a in ("--set", s)]
@@ -126,3 +127,11 @@ def test_data_synth_writes_the_pairs_a_run_trains_on(tmp_path):
     ro = tmp_path / "missing" / "x.jsonl"
     res = runner.invoke(app, ["data", "synth", str(ro), "--preset", "smoke", *sets])
     assert res.exit_code == 1 and "cannot write" in res.output
+
+
+def test_inspect_reads_invalid_utf8_as_replacement_and_says_what_a_run_needs():
+    path = BAD / "latin1_encoding.csv"
+    res = runner.invoke(app, ["data", "inspect", str(path), "--model", "tiny"], env={"COLUMNS": "400"})
+    assert res.exit_code == 0, res.output
+    assert f"note: {path}:3: invalid UTF-8" in res.output and "a run needs --set data.encoding_errors=replace" in res.output
+    assert "kept all 2 rows" in res.output and "caf\ufffd" in res.output

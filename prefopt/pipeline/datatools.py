@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from prefopt.data.io import DropReport, read_pairs, read_prompts, write_pairs, write_prompts
-from prefopt.data.records import PreferencePair, PromptRecord
+from prefopt.data.records import DataError, PreferencePair, PromptRecord
 from prefopt.errors import PrefoptError
 
 KINDS = ("pairs", "prompts")
@@ -27,6 +27,7 @@ class Inspection:
     records: list
     lengths: dict[str, list[int]] = field(default_factory=dict)  # part -> token counts
     examples: list[dict[str, str]] = field(default_factory=list)  # part -> text exactly as the model sees it
+    notes: list[str] = field(default_factory=list)
 
     def length_table(self) -> list[dict[str, Any]]:
         rows = []
@@ -49,12 +50,25 @@ def read_source(source: str, kind: str, *, field_name: str | None = None, prefix
                         encoding_errors=encoding_errors, skip_invalid=skip_invalid)
 
 
-def inspect_source(source: str, kind: str, tokenizer, *, n_examples: int = 3, **read) -> Inspection:
-    """Read ``source`` as a run would and measure it with ``tokenizer`` (``None``: no token statistics)."""
+def inspect_source(source: str, kind: str, tokenizer, *, n_examples: int = 3, encoding_errors: str | None = None,
+                   **read) -> Inspection:
+    """Read ``source`` as a run would and measure it with ``tokenizer`` (``None``: no token statistics).
+
+    ``encoding_errors=None`` (a look, not a run): strict UTF-8, and if the file has invalid bytes, read them as
+    U+FFFD instead and say so in :attr:`Inspection.notes` (a run then needs data.encoding_errors=replace)."""
     from prefopt.models.ops import render_prompt
 
-    records, report = read_source(source, kind, **read)
-    out = Inspection(kind, report, records)
+    notes = []
+    try:
+        records, report = read_source(source, kind, encoding_errors=encoding_errors or "strict", **read)
+    except DataError as e:
+        if encoding_errors is not None or "not valid UTF-8" not in str(e):
+            raise
+        records, report = read_source(source, kind, encoding_errors="replace", **read)
+        where = str(e).split(": not valid UTF-8")[0]
+        notes.append(f"{where}: invalid UTF-8 (the first bad byte is on that line), read as U+FFFD here; a run needs "
+                     "--set data.encoding_errors=replace")
+    out = Inspection(kind, report, records, notes=notes)
     if tokenizer is None:
         return out
 
