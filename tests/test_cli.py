@@ -373,3 +373,25 @@ def test_offline_and_online_dpo_differ_in_one_switch(tmp_path):
     cfg = json.loads((out / "policies" / "dpo-online" / "policy.json").read_text())["config"]
     offline = json.loads((out / "policies" / "dpo" / "policy.json").read_text())["config"]
     assert {k for k in cfg if cfg[k] != offline[k]} == {"reward", "online_rounds", "online_prompts"}
+
+
+def test_best_of_n_is_evaluated_like_any_policy(tmp_path):
+    """Best-of-n trains nothing; with n = 1 it is the reference exactly; its KL is the analytic log n - (n-1)/n."""
+    import math
+
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["bench", "--preset", "smoke", *_sets("policies=dpo", "policies.bon1.backend=bon", "bon1.n=1",
+                                                                   "policies.bon4.backend=bon", "bon4.n=4",
+                                                                   "bon4.reward=gold"), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    resp = lambda p: [r["response"] for r in rows if r["policy"] == p]  # noqa: E731
+    assert resp("bon1") == resp("reference")
+    gold = lambda p: [r["gold"] for r in rows if r["policy"] == p]  # noqa: E731
+    assert all(b >= r for b, r in zip(gold("bon4"), gold("reference")))  # the best of 4 by gold includes the reference's
+    summary = {(r["policy"], r["metric"]): r for r in json.loads((out / "summary.json").read_text())["summary"]}
+    assert math.isclose(summary[("bon4", "eval/kl_to_ref")]["mean"], math.log(4) - 3 / 4)
+    assert summary[("bon1", "eval/kl_to_ref")]["mean"] == 0.0
+    assert not (out / "policies" / "bon4" / "adapter_model.safetensors").exists()
+    res = runner.invoke(app, ["eval", str(out), "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 1 and "best-of-n (no adapter to load)" in _one_error_line(res.output)

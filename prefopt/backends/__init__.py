@@ -8,8 +8,8 @@ share lives in ``losses`` (pure functions) and ``_common`` (plumbing). The rewar
 that policies consume, not a policy backend.
 """
 
-from prefopt.backends import dpo, ppo, rloo, sft
+from prefopt.backends import bon, dpo, ppo, rloo, sft
 
-BACKENDS = {"ppo": ppo, "dpo": dpo, "sft": sft, "rloo": rloo}
+BACKENDS = {"ppo": ppo, "dpo": dpo, "sft": sft, "rloo": rloo, "bon": bon}
 
 __all__ = ["BACKENDS"]

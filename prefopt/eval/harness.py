@@ -117,13 +117,40 @@ class PolicySamples:
     proxy: np.ndarray | None = None
 
 
-def evaluate_policy(shared: SharedBase, role: str | None, prompt_ids, prompt_texts, judge: Judge, cfg: EvalConfig,
+BON_SEED_OFFSET = 7_919  # candidate j of best-of-n is sampled with eval seed + j * offset (candidate 0: the reference's)
+
+
+@dataclass
+class BestOfN:
+    """A policy with no adapter: n reference samples per prompt, the one ``score_fn`` rates highest (first on ties)."""
+
+    n: int
+    score_fn: ProxyFn
+
+    def sample(self, shared: SharedBase, prompt_ids, cfg: EvalConfig, on_batch=None) -> list[list[int]]:
+        candidates, scores = [], []
+        for j in range(self.n):
+            cand = sample_policy(shared, None, prompt_ids, cfg, seed=cfg.seed + j * BON_SEED_OFFSET,
+                                 on_batch=on_batch if j == 0 else None)
+            candidates.append(cand)
+            scores.append(np.asarray(self.score_fn(prompt_ids, cand).tolist(), dtype=np.float64))
+        best = np.argmax(np.stack(scores), axis=0)  # (N,): the first maximum on ties
+        return [candidates[int(b)][i] for i, b in enumerate(best)]
+
+
+def evaluate_policy(shared: SharedBase, role, prompt_ids, prompt_texts, judge: Judge, cfg: EvalConfig,
                     *, proxy: ProxyFn | None = None, on_batch=None) -> PolicySamples:
-    """Sample ``role`` on the prompts and score: gold, KL to the reference (k1, sequence), proxy."""
-    responses = sample_policy(shared, role, prompt_ids, cfg, on_batch=on_batch)
+    """Sample ``role`` (an adapter role, None = the reference, or a :class:`BestOfN`) on the prompts and score:
+    gold, KL to the reference (k1, sequence; best-of-n: its analytic value), proxy."""
+    if isinstance(role, BestOfN):
+        responses = role.sample(shared, prompt_ids, cfg, on_batch=on_batch)
+    else:
+        responses = sample_policy(shared, role, prompt_ids, cfg, on_batch=on_batch)
     texts = decode_responses(responses, shared.tokenizer)
     gold = _gold(judge, prompt_texts, texts)
-    if role is None:
+    if isinstance(role, BestOfN):
+        kl = np.full(len(responses), math.log(role.n) - (role.n - 1) / role.n)
+    elif role is None:
         kl = np.zeros(len(responses))
     else:
         kl = sequence_logps(shared, role, prompt_ids, responses, cfg) - sequence_logps(shared, None, prompt_ids, responses, cfg)
@@ -229,7 +256,7 @@ def evaluate(
                         "lo": None, "hi": None, "se": None, "n": len(d.texts)})
         if ref_pair_logps is not None:
             role = policies[name]
-            if role is not None:
+            if isinstance(role, str):  # an adapter: log pi / pi_ref is its implicit reward
                 c = sequence_logps(shared, role, pairs.prompt_ids, pairs.chosen, cfg) - ref_pair_logps[0]
                 r = sequence_logps(shared, role, pairs.prompt_ids, pairs.rejected, cfg) - ref_pair_logps[1]
                 row(_accuracy(c, r), "eval/implicit_reward_accuracy")

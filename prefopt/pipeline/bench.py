@@ -34,7 +34,7 @@ from prefopt.data.split import holdout_pairs, prompts_from_pairs, split_prompts
 from prefopt.data.synthetic import simulate_preferences
 from prefopt.data.tasks import sentiment_prompts
 from prefopt.errors import PrefoptError
-from prefopt.eval.harness import REFERENCE, evaluate, evaluate_point
+from prefopt.eval.harness import REFERENCE, BestOfN, evaluate, evaluate_point
 from prefopt.eval.metrics import metric_versions
 from prefopt.models.base import load_base, pick_device, resolve_model
 from prefopt.models.ops import decode_responses, encode_prompts, ends_with_eos, render_prompt, sample
@@ -385,10 +385,16 @@ def _run(cfg: BenchConfig, inputs: Inputs, folder: RunFolder, stages: Stages, ev
     if cfg.eval.path_points and evaluate_policies:
         ref_path = _path_point(shared, None, path_prompts, inputs.judge, cfg, proxy, None, path_rows, REFERENCE, 0, 0.0)
     policy_info = {}
+    samplers: dict[str, BestOfN] = {}
     for name, pol in inputs.policies.items():
         spec = getattr(pol.config, "reward", None)
         data = TrainData(pairs=train_pairs, prompts=inputs.train, reward_model=rm,
                          score_fn=reward_fn(spec, rm, inputs.judge, tok, inputs.text_rewards) if spec else None)
+        policy_info[name] = {"backend": pol.backend, "config": C.to_dict(pol.config)}
+        if not getattr(pol.module, "TRAINS", True):  # best-of-n: nothing to train or save but its config
+            samplers[name] = BestOfN(pol.config.n, data.score_fn)
+            folder.write_json(f"policies/{name}/{POLICY_INFO}", {"policy": name, **policy_info[name], "model": cfg.model})
+            continue
         total = pol.module.total_steps(pol.config, data)
         marks = checkpoint_steps(total, cfg.eval.path_points) if ref_path is not None else set()
 
@@ -402,7 +408,6 @@ def _run(cfg: BenchConfig, inputs: Inputs, folder: RunFolder, stages: Stages, ev
         with stages.stage(name, total=total, unit_metrics=unit) as adv:
             pol.module.train(shared, pol.config, data, role=pol.role, on_step=stages.logger(name, adv, at_checkpoint))
         shared.save_role(pol.role, folder.path / "policies" / name)
-        policy_info[name] = {"backend": pol.backend, "config": C.to_dict(pol.config)}
         folder.write_json(f"policies/{name}/{POLICY_INFO}", {"policy": name, **policy_info[name], "model": cfg.model,
                                                              "lora": asdict(cfg.lora)})
 
@@ -411,7 +416,7 @@ def _run(cfg: BenchConfig, inputs: Inputs, folder: RunFolder, stages: Stages, ev
     samples: list[dict] = []
     n_pairs_eval = 0
     if evaluate_policies:
-        policies = {REFERENCE: None, **{name: pol.role for name, pol in inputs.policies.items()}}
+        policies = {REFERENCE: None, **{name: samplers.get(name, pol.role) for name, pol in inputs.policies.items()}}
         with stages.stage("eval", total=len(inputs.eval) * len(policies)) as adv:
             result = evaluate(shared, policies, inputs.eval, inputs.judge, cfg.eval,
                               proxies={n: proxy for n in policies} if proxy else None,

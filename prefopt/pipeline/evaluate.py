@@ -76,6 +76,10 @@ def evaluate_runs(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike 
             names[p if len(runs) == 1 else f"{r['dir'].name}/{p}"] = (r["dir"], p)
     if len(names) != sum(len(r["policies"]) for r in runs):
         raise RunError("two runs share a folder name: give runs with distinct folder names")
+    for run_dir, policy in names.values():
+        if C.load_file(run_dir / "policies" / policy / POLICY_INFO).get("backend") == "bon":
+            raise RunError(f"{run_dir}: policy '{policy}' is best-of-n (no adapter to load): evaluate it with "
+                           "`prefopt bench` (it trains nothing), or leave that run out")
 
     out = Path(out_dir) if out_dir else Path("runs") / datetime.now().strftime("eval-%Y%m%d-%H%M%S")
     from prefopt.reports.run import RunFolder
