@@ -98,6 +98,17 @@ def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float = 0.0
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
+def optimizer_step(loss: torch.Tensor, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer,
+                   max_grad_norm: float, sched=None) -> None:
+    """Backward, clip the gradient norm, step (and the scheduler): one optimisation step of a backend."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    opt.step()
+    if sched is not None:
+        sched.step()
+
+
 LR_SCHEDULES = ("constant", "linear")
 
 

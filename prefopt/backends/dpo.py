@@ -24,6 +24,7 @@ from prefopt.backends._common import (
     lr_scheduler,
     minibatches,
     no_op,
+    optimizer_step,
 )
 from prefopt.backends.losses import DPO_LOSS_TYPES, REFERENCE_FREE, dpo_loss
 from prefopt.models.ops import make_batch, response_logprobs
@@ -124,11 +125,7 @@ def _epoch(lm, cfg: DPOConfig, enc, ref, params, opt, sched, rng, on_step, step:
             beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, gamma=cfg.simpo_gamma,
         )
         loss = losses.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, params, opt, cfg.max_grad_norm, sched)
         step += 1
         on_step(step, {
             "train/loss": loss.item(),

@@ -25,6 +25,7 @@ from prefopt.backends._common import (
     check_reward_source,
     encode_training_prompts,
     no_op,
+    optimizer_step,
 )
 from prefopt.backends.losses import apply_eos_penalty, kl_per_token, masked_mean, rloo_advantages
 from prefopt.models.ops import gather_logprobs, hidden_states, make_batch, response_logits, sample
@@ -112,10 +113,7 @@ def train(
             returns = scores - cfg.kl_coef * seq_kl
             advantages = rloo_advantages(returns, cfg.k)
             loss = -(advantages * (logprobs * mask).sum(-1)).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            opt.step()
+            optimizer_step(loss, params, opt, cfg.max_grad_norm)
         on_step(step, {
             "train/loss": loss.item(),
             "train/score": raw.mean().item(),

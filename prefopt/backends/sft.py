@@ -25,6 +25,7 @@ from prefopt.backends._common import (
     lr_scheduler,
     minibatches,
     no_op,
+    optimizer_step,
 )
 from prefopt.backends.losses import masked_mean
 from prefopt.models.ops import encode_prompts, encode_responses, make_batch, response_logprobs
@@ -94,11 +95,7 @@ def train(
                 batch = make_batch([prompt_ids[i] for i in idx], [response_ids[i] for i in idx], tok.pad_token_id, device)
                 logps = response_logprobs(lm, batch).float()
                 loss = sft_loss(logps, batch.response_mask)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                opt.step()
-                sched.step()
+                optimizer_step(loss, params, opt, cfg.max_grad_norm, sched)
                 step += 1
                 on_step(step, {
                     "train/loss": loss.item(),
