@@ -235,3 +235,16 @@ def test_position_bias_favours_the_response_shown_first() -> None:
     fair = simulate_preferences(prompts, responses, scores, annotator=AnnotatorConfig(temperature=1e-9),
                                 pairs_per_prompt=1, seed=0)
     assert "shown_first" not in fair[0].meta and "annotator" not in fair[0].meta
+
+
+def test_annotator_summary_stratifies_pairs_by_annotator() -> None:
+    from prefopt.data.synthetic import annotator_summary
+
+    prompts, responses, scores = noisy_inputs(n_prompts=400, k=3)
+    pool = [AnnotatorConfig(temperature=1e-9), AnnotatorConfig(temperature=1e-9, flip_rate=0.5)]
+    pairs = simulate_preferences(prompts, responses, scores, annotator=pool, pairs_per_prompt=2, seed=0)
+    rows = annotator_summary(pairs)
+    assert [r["annotator"] for r in rows] == [0, 1] and sum(r["pairs"] for r in rows) == len(pairs)
+    assert rows[0]["gold_agreement"] == 1.0 and 0.4 < rows[1]["gold_agreement"] < 0.6
+    assert annotator_summary(simulate_preferences(prompts, responses, scores, annotator=pool[0],
+                                                  pairs_per_prompt=1, seed=0)) == []

@@ -153,3 +153,26 @@ def _sigmoid(x: float) -> float:
         return 1.0 / (1.0 + math.exp(-x))
     z = math.exp(x)
     return z / (1.0 + z)
+
+
+def annotator_summary(pairs: Sequence[PreferencePair]) -> list[dict]:
+    """Per annotator of a pool (``meta["annotator"]``): pairs labelled and how often the label agrees with the gold
+    score (chosen scored higher); empty when no pair names an annotator."""
+    by: dict = {}
+    for p in pairs:
+        who = p.meta.get("annotator")
+        if who is None:
+            continue
+        row = by.setdefault(who, {"annotator": who, "pairs": 0, "gold_agreement": 0.0, "_scored": 0})
+        row["pairs"] += 1
+        sc, sr = p.meta.get("score_chosen"), p.meta.get("score_rejected")
+        if isinstance(sc, (int, float)) and isinstance(sr, (int, float)) and sc != sr:
+            row["_scored"] += 1
+            row["gold_agreement"] += float(sc > sr)
+    out = []
+    for who in sorted(by, key=str):
+        row = by[who]
+        scored = row.pop("_scored")
+        row["gold_agreement"] = row["gold_agreement"] / scored if scored else None
+        out.append(row)
+    return out

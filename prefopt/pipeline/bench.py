@@ -31,7 +31,7 @@ from prefopt.data.io import load_pairs, read_demos, read_pairs, read_prompts, wr
 from prefopt.data.judges import Judge, load_judge
 from prefopt.data.records import PreferencePair, PromptRecord, prompt_key
 from prefopt.data.split import holdout_pairs, prompts_from_pairs, split_prompts
-from prefopt.data.synthetic import simulate_preferences
+from prefopt.data.synthetic import annotator_summary, simulate_preferences
 from prefopt.data.tasks import sentiment_prompts
 from prefopt.errors import PrefoptError
 from prefopt.eval.harness import REFERENCE, BestOfN, evaluate, evaluate_point
@@ -356,6 +356,10 @@ def _run(cfg: BenchConfig, inputs: Inputs, folder: RunFolder, stages: Stages, ev
     if not train_pairs:
         raise PrefoptError("no preference pairs to train on (every prompt's samples were identical?): raise data.k "
                            "or data.temperature")
+    annotators = annotator_summary(train_pairs)  # a pool: who labelled what, and how often with the gold score
+    for a in annotators:
+        agree = "n/a" if a["gold_agreement"] is None else f"{a['gold_agreement']:.2f}"
+        stages.console.log(f"annotator {a['annotator']}: {a['pairs']} pairs, agrees with gold on {agree}", highlight=False)
     write_pairs(folder.path / FILES["pairs"], train_pairs)
     write_prompts(folder.path / FILES["eval_prompts"], inputs.eval)
 
@@ -430,7 +434,7 @@ def _run(cfg: BenchConfig, inputs: Inputs, folder: RunFolder, stages: Stages, ev
         "timings_s": timings, "cache_hits": hits, "n_train_prompts": len(inputs.train),
         "n_eval_prompts": len(inputs.eval), "n_pairs": len(train_pairs), "n_pairs_held_out": inputs.held_out,
         "n_held_out_eval_pairs": n_pairs_eval, "rm_score_offset": rm.offset if rm is not None else None,
-        "data_reports": inputs.data_reports, "sft": {"demos": len(inputs.demos), "adapter": sft_id} if sft_id else None,
+        "data_reports": inputs.data_reports, "annotators": annotators, "sft": {"demos": len(inputs.demos), "adapter": sft_id} if sft_id else None,
         "created": datetime.now().isoformat(timespec="seconds"), **extra_meta,
     }
     if inputs.data_reports:  # what was read from each data file and what was dropped: a run trains on nothing unreported
