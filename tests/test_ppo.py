@@ -169,3 +169,26 @@ def test_ppo_config_validation():
         ppo.PPOConfig(save_every=2)
     with pytest.raises(ValueError, match="PPOConfig.reward"):
         ppo.PPOConfig(reward="nope")
+
+
+def test_checkpoint_holds_no_pickles_and_survives_a_torn_write(tmp_path):
+    import random as pyrandom
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=0.1)
+    opt.param_groups[0]["params"][0].grad = torch.ones(3)
+    opt.step()
+    state = {"step": 2, "adapter": {"w": torch.arange(4.0)}, "optimizer": opt.state_dict(),
+             "rng": pyrandom.Random(5).getstate(), "order": [3, 1], "kl_coef": 0.05, "watch_first": {"train/kl": 0.1},
+             "config": {"steps": 4}, "role": "ppo"}
+    ppo._save_checkpoint(str(tmp_path), state)
+    ppo._save_checkpoint(str(tmp_path), {**state, "step": 4})
+    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert files == ["latest.json", "step-000004/state.json", "step-000004/tensors.safetensors"]  # old slot gone
+    (tmp_path / "step-000006").mkdir()  # a kill while writing the next slot: the pointer still names step 4
+    (tmp_path / "step-000006" / "state.json").write_text("{trunc")
+    back = ppo.load_checkpoint(str(tmp_path))
+    assert back["step"] == 4 and torch.equal(back["adapter"]["w"], torch.arange(4.0))
+    assert back["rng"] == pyrandom.Random(5).getstate() and back["order"] == [3, 1]
+    fresh = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=0.1)
+    fresh.load_state_dict(back["optimizer"])
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])

@@ -12,9 +12,11 @@ log-probs and values.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -73,7 +75,7 @@ REFUSED_ESTIMATORS = {
          "optimum away from pi_ref*exp(r/beta): Tang & Munos 2025); use k1, or kl_in='loss' for the exact KL"
     for est in ("k2", "k3")
 }
-CHECKPOINT_FILE = "ppo_state.pt"
+CHECKPOINT_FILE = "latest.json"  # points at the newest step-N/ slot (tensors.safetensors + state.json)
 
 
 @dataclass
@@ -257,18 +259,68 @@ def _mean_over_ranks(metrics: dict, dist: PartialState) -> dict:
 
 # --------------------------------------------------------------------------------------------------- checkpoints
 def _save_checkpoint(folder: str, state: dict) -> None:
+    """Write a resumable checkpoint with no pickled objects: tensors (adapter, heads, optimizer moments) in
+    safetensors, everything else in JSON, in a new slot folder; ``latest.json`` is then pointed at it atomically,
+    so a kill at any moment leaves the previous checkpoint intact."""
+    from safetensors.torch import save_file
+
     path = Path(folder)
     path.mkdir(parents=True, exist_ok=True)
+    slot = path / f"step-{state['step']:06d}"
+    shutil.rmtree(slot, ignore_errors=True)
+    slot.mkdir()
+    tensors = {f"adapter/{k}": v.detach().contiguous().cpu() for k, v in state["adapter"].items()}
+    opt = state["optimizer"]
+    opt_scalars: dict[str, dict] = {}
+    for idx, st in opt["state"].items():
+        for name, val in st.items():
+            if torch.is_tensor(val):
+                tensors[f"opt/{idx}/{name}"] = val.detach().contiguous().cpu()
+            else:
+                opt_scalars.setdefault(str(idx), {})[name] = val
+    save_file(tensors, str(slot / "tensors.safetensors"))
+    rng_version, rng_internal, rng_gauss = state["rng"]
+    meta = {k: state[k] for k in ("step", "order", "kl_coef", "watch_first", "config", "role")}
+    meta.update(rng=[rng_version, list(rng_internal), rng_gauss], param_groups=opt["param_groups"], opt_scalars=opt_scalars)
+    (slot / "state.json").write_text(json.dumps(meta), encoding="utf-8")
     tmp = path / (CHECKPOINT_FILE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path / CHECKPOINT_FILE)  # atomic: a kill mid-write leaves the previous checkpoint intact
+    tmp.write_text(json.dumps({"slot": slot.name}), encoding="utf-8")
+    previous = _latest_slot(path)
+    os.replace(tmp, path / CHECKPOINT_FILE)  # the switch: atomic
+    if previous is not None and previous != slot:
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def _latest_slot(path: Path) -> Path | None:
+    pointer = path / CHECKPOINT_FILE
+    if not pointer.is_file():
+        return None
+    return path / json.loads(pointer.read_text(encoding="utf-8"))["slot"]
 
 
 def load_checkpoint(folder: str) -> dict:
-    path = Path(folder) / CHECKPOINT_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no PPO checkpoint at {path}")
-    return torch.load(path, weights_only=False)
+    """Read what :func:`_save_checkpoint` wrote (safetensors + JSON: nothing is unpickled)."""
+    from safetensors.torch import load_file
+
+    path = Path(folder)
+    slot = _latest_slot(path)
+    if slot is None or not (slot / "state.json").is_file():
+        raise FileNotFoundError(f"no PPO checkpoint at {path / CHECKPOINT_FILE}")
+    meta = json.loads((slot / "state.json").read_text(encoding="utf-8"))
+    tensors = load_file(str(slot / "tensors.safetensors"))
+    adapter = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("adapter/")}
+    opt_state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt/"):
+            _, idx, name = k.split("/", 2)
+            opt_state.setdefault(int(idx), {})[name] = v
+    for idx, scalars in meta["opt_scalars"].items():
+        opt_state.setdefault(int(idx), {}).update(scalars)
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
+    version, internal, gauss = meta["rng"]
+    return {"step": meta["step"], "adapter": adapter, "optimizer": {"state": opt_state, "param_groups": groups},
+            "rng": (version, tuple(internal), gauss), "order": meta["order"], "kl_coef": meta["kl_coef"],
+            "watch_first": meta["watch_first"], "config": meta["config"], "role": meta["role"]}
 
 
 def _load_role(shared: SharedBase, role: str, adapter: dict[str, torch.Tensor]) -> None:
