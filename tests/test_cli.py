@@ -395,3 +395,18 @@ def test_best_of_n_is_evaluated_like_any_policy(tmp_path):
     assert not (out / "policies" / "bon4" / "adapter_model.safetensors").exists()
     res = runner.invoke(app, ["eval", str(out), "--out", str(tmp_path / "ev")])
     assert res.exit_code == 1 and "best-of-n (no adapter to load)" in _one_error_line(res.output)
+
+
+def test_same_command_and_seed_give_identical_metrics(tmp_path):
+    """Determinism on CPU: the same command twice gives the same summary metrics and training metrics exactly."""
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert runner.invoke(app, ["bench", "--preset", "smoke", *_sets(), "--out", str(out)]).exit_code == 0
+        outs.append(out)
+    a, b = (json.loads((o / "summary.json").read_text()) for o in outs)
+    assert a["summary"] == b["summary"] and a.get("path") == b.get("path")
+    strip = lambda o: [{k: v for k, v in json.loads(x).items() if not k.startswith("time/")}  # noqa: E731
+                       for x in (o / "metrics.jsonl").read_text().splitlines()]
+    assert strip(outs[0]) == strip(outs[1])
+    assert (outs[0] / "samples.jsonl").read_bytes() == (outs[1] / "samples.jsonl").read_bytes()
