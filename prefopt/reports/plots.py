@@ -34,8 +34,9 @@ def _finite(value: Any) -> float | None:
     return None
 
 
-def _point(row: Mapping[str, Any] | None) -> tuple[float, tuple[float, float] | None] | None:
-    """(mean, (err_below, err_above)) of one summary row; no error bar without a CI."""
+def _point(row: Mapping[str, Any] | None, floor: float | None = None) -> tuple[float, tuple[float, float] | None] | None:
+    """(mean, (err_below, err_above)) of one summary row; no error bar without a CI. ``floor``: the quantity's
+    lower bound (KL >= 0): the interval is clipped to it (with 2 seeds a t-interval easily reaches below)."""
     if row is None:
         return None
     mean = _finite(row.get("mean"))
@@ -44,6 +45,8 @@ def _point(row: Mapping[str, Any] | None) -> tuple[float, tuple[float, float] | 
     lo, hi = _finite(row.get("lo")), _finite(row.get("hi"))
     if lo is None or hi is None:
         return mean, None
+    if floor is not None:
+        lo = max(lo, floor)
     # A percentile interval need not contain the mean; clamp so matplotlib accepts it.
     return mean, (max(0.0, mean - lo), max(0.0, hi - mean))
 
@@ -88,7 +91,7 @@ def plot_reward_kl(
 
     plotted = 0
     for i, policy in enumerate(order):
-        x = _point(rows.get((policy, KL_METRIC)))
+        x = _point(rows.get((policy, KL_METRIC)), floor=0.0)
         y = _point(rows.get((policy, REWARD_METRIC)))
         if x is None or y is None:
             continue
@@ -153,7 +156,7 @@ def _new_figure(width: float, height: float, ncols: int = 1):
 
 
 def _errorbar(ax, x: Mapping[str, Any], y: Mapping[str, Any], color: str, label: str | None = None, **kw) -> None:
-    px, py = _point(x), _point(y)
+    px, py = _point(x, floor=0.0), _point(y)  # x is KL in every comparison plot
     if px is None or py is None:
         return
     ax.errorbar([px[0]], [py[0]], xerr=None if px[1] is None else [[px[1][0]], [px[1][1]]],
@@ -197,7 +200,7 @@ def plot_frontier(
         if band:
             ax.fill_between([p["budget"] for p in band], [p["lo"] for p in band], [p["hi"] for p in band],
                             color=colour[alg], alpha=0.15, lw=0)
-    ax.set_xlabel("KL(pi || pi_ref), nats (sequence, on the policy's samples)")
+    ax.set_xlabel("KL(pi || pi_ref), nats (sequence, on the policy's samples); 95% CIs over seeds, clipped at 0")
     ax.set_ylabel(metric)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
