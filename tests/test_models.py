@@ -236,3 +236,24 @@ def test_sft_loss_hand_computed():
     logps = torch.tensor([[-1.0, -2.0, 99.0], [-0.5, 7.0, 7.0]])  # padding holds junk
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     assert torch.isclose(sft_loss(logps, mask), torch.tensor((1.0 + 2.0 + 0.5) / 3))
+
+
+def test_bounded_tokenisation_equals_the_naive_form():
+    """head_tokens / tail_tokens tokenise only a window of a long text; they must equal tokenising all of it.
+    Checked on SmolLM2's real BPE tokenizer (offline, from the GGUF) and the char tokenizer."""
+    import random
+
+    from prefopt.models.base import char_tokenizer, load_tokenizer
+    from prefopt.models.ops import head_tokens, tail_tokens
+
+    rng = random.Random(0)
+    words = ["the", "film", "was", "wonderful", "!", "über", "naïve", "日本語", "  ", "\n\n", "x" * 300, "3.14159",
+             "co-operate", "don't", "<br />", "😀"]
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 400))) for _ in range(60)]
+    texts += ["a" * 5000, "ab" * 3000 + " end", "", "short"]
+    for tok in (load_tokenizer("smollm2-135m-instruct"), char_tokenizer()):
+        for text in texts:
+            full = tok(text, add_special_tokens=False).input_ids
+            for n in (1, 7, 32, 64):
+                assert head_tokens(tok, text, n) == full[:n], (text[:40], n)
+                assert tail_tokens(tok, text, n) == full[-n:], (text[-40:], n)
