@@ -245,7 +245,7 @@ def config_(
                       highlight=False, soft_wrap=True)
 
 
-data_app = typer.Typer(help="Look at a data source as a run will use it; convert it to canonical JSONL.",
+data_app = typer.Typer(help="Inspect a data source as a run will use it; convert it; write synthetic pairs.",
                        no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(data_app, name="data")
 
@@ -327,8 +327,7 @@ def data_synth(
     target: Path = typer.Argument(..., help="Output .jsonl of synthetic preference pairs."),
     preset: str = PRESET, config: Optional[Path] = CONFIG, set_: Optional[List[str]] = SET, overwrite: bool = OVERWRITE,
 ) -> None:
-    """Write the synthetic pairs a run would train on: k reference samples per training prompt, gold-judged,
-    labelled by the simulated annotator(s) (data.* fields). Reuse them with --set data.pairs=FILE."""
+    """Write the synthetic pairs a run would train on (reference samples, gold judge, simulated annotators)."""
     with _user_errors():
         from prefopt.pipeline.datatools import synth_pairs
 
