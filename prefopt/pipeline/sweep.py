@@ -265,7 +265,14 @@ def run_sweep(spec: SweepSpec, out: str | os.PathLike, *, storage: str | None = 
                 study.enqueue_trial({"cell": cid})
         if study.get_trials(deepcopy=False, states=(TS.WAITING,)):
             said_waiting = False
-            study.optimize(objective, n_trials=1, catch=())
+            try:
+                study.optimize(objective, n_trials=1, catch=())
+            except ValueError as e:
+                # another worker settled this trial first (it looked stale while this process was starved of CPU
+                # and was failed or finished elsewhere); the cell's result is on disk either way: go on
+                if not str(e).startswith("Cannot tell a"):
+                    raise
+                console.log(f"a trial was settled by another worker ({e}); continuing")
             continue
         if not said_waiting:
             running = sorted(c for c in live if c not in complete)
