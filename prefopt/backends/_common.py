@@ -112,6 +112,15 @@ def optimizer_step(loss: torch.Tensor, params: list[torch.nn.Parameter], opt: to
 LR_SCHEDULES = ("constant", "linear")
 
 
+def set_iteration_lr(opt: torch.optim.Optimizer, base_lr: float, schedule: str, step: int, steps: int) -> float:
+    """The rate of iteration ``step`` (1-based) of an online method: constant, or 'linear' = base * (1 - (step-1)/steps)
+    (annealing as in cleanrl and trl's PPO); a function of the step alone, so nothing needs checkpointing."""
+    lr = base_lr * (1.0 - (step - 1) / steps if schedule == "linear" else 1.0)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return lr
+
+
 def lr_scheduler(opt: torch.optim.Optimizer, kind: str, total_steps: int):
     """'constant', or 'linear' decay to 0 over ``total_steps`` (trl/transformers' default shape)."""
     if kind not in LR_SCHEDULES:

@@ -36,6 +36,7 @@ from prefopt.backends._common import (
     encode_training_prompts,
     minibatches,
     no_op,
+    set_iteration_lr,
 )
 from prefopt.backends.losses import (
     KL_ESTIMATORS,
@@ -384,9 +385,7 @@ def train(
 
     for step in range(start, cfg.steps + 1):
         t0 = time.perf_counter()
-        lr = cfg.learning_rate * (1.0 - (step - 1) / cfg.steps if cfg.lr_schedule == "linear" else 1.0)
-        for group in opt.param_groups:  # a function of the step alone: nothing to checkpoint
-            group["lr"] = lr
+        lr = set_iteration_lr(opt, cfg.learning_rate, cfg.lr_schedule, step, cfg.steps)
         # 1. rollout: the next batch of prompts (reshuffled every pass over the prompt set); rank r takes the
         #    r-th slice, so `batch_size` is per process
         while len(order) < cfg.batch_size * world:

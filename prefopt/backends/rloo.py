@@ -26,6 +26,7 @@ from prefopt.backends._common import (
     encode_training_prompts,
     no_op,
     optimizer_step,
+    set_iteration_lr,
 )
 from prefopt.backends.losses import apply_eos_penalty, kl_per_token, masked_mean, rloo_advantages
 from prefopt.models.ops import gather_logprobs, hidden_states, make_batch, response_logits, sample
@@ -86,9 +87,7 @@ def train(
     order: list[int] = []
     for step in range(1, cfg.steps + 1):
         t0 = time.perf_counter()
-        lr = cfg.learning_rate * (1.0 - (step - 1) / cfg.steps if cfg.lr_schedule == "linear" else 1.0)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        lr = set_iteration_lr(opt, cfg.learning_rate, cfg.lr_schedule, step, cfg.steps)
         while len(order) < cfg.batch_size:  # reshuffled every pass over the prompts
             more = list(range(len(prompt_ids)))
             rng.shuffle(more)
