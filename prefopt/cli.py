@@ -307,11 +307,11 @@ def data_inspect(
 @data_app.command("convert")
 def data_convert(
     source: str = typer.Argument(..., help="Any source `prefopt data inspect` reads."),
-    target: Path = typer.Argument(..., help="Output .jsonl: canonical records that load back unchanged."),
+    target: Path = typer.Argument(..., help="Output .jsonl or .parquet: canonical records that load back unchanged."),
     as_: str = AS, field: Optional[str] = FIELD, prefix_words: Optional[str] = PREFIX, seed: int = SPLIT_SEED,
     encoding_errors: str = ENC, skip_invalid: bool = SKIP_INVALID, overwrite: bool = OVERWRITE,
 ) -> None:
-    """Write a source's canonical records (pairs or prompts) as JSON lines."""
+    """Write a source's canonical records (pairs or prompts) as JSON lines or parquet (by the suffix)."""
     with _user_errors():
         from prefopt.pipeline.datatools import convert_source
 

@@ -109,6 +109,41 @@ def test_inspect_and_convert_a_good_file(tmp_path):
     assert res.exit_code == 0 and load_pairs(out) == load_pairs(src)
     res = runner.invoke(app, ["data", "convert", str(src), str(out)])
     assert res.exit_code == 1 and "exists: pass --overwrite" in res.output
+    res = runner.invoke(app, ["data", "convert", str(src), str(tmp_path / "canonical.csv")])
+    assert res.exit_code == 1 and "name a .jsonl or .parquet file" in res.output
+
+
+def test_convert_to_parquet_reads_back_unchanged(tmp_path):
+    """Canonical parquet: meta with different keys per row and conversational prompts come back exactly (they
+    travel as JSON text named in the schema metadata); a parquet file from elsewhere is read as plain columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from prefopt.data.io import load_pairs, load_prompts
+
+    src = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": "say a", "chosen": "aa", "rejected": "a", "src": 1},
+            {"prompt": [{"role": "user", "content": "hi"}], "chosen": "hello", "rejected": "", "rejected_eos": True,
+             "margin": 0.5, "annotator": {"name": "x", "flip": 0.1}},
+            {"prompt": "say c", "chosen": "cc", "rejected": "c", "nested": [1, {"k": None}]}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "canonical.parquet"
+    res = runner.invoke(app, ["data", "convert", str(src), str(out)])
+    assert res.exit_code == 0, res.output
+    assert load_pairs(out) == load_pairs(src) and len(load_pairs(out)) == 3
+    assert pq.read_table(out).column_names == ["prompt", "chosen", "rejected", "margin", "meta"]
+    prompts = tmp_path / "prompts.parquet"
+    res = runner.invoke(app, ["data", "convert", str(src), str(prompts), "--as", "prompts"])
+    assert res.exit_code == 0, res.output
+    assert load_prompts(prompts) == load_prompts(src)
+    foreign = tmp_path / "foreign.parquet"  # no prefopt metadata: 'meta' is just another column
+    pq.write_table(pa.table({"prompt": ["p"], "chosen": ["c"], "rejected": ["r"], "meta": ['{"a": 1}']}), foreign)
+    assert load_pairs(foreign)[0].meta == {"meta": '{"a": 1}'}
+    broken = tmp_path / "broken.parquet"
+    table = pq.read_table(out)
+    pq.write_table(table.set_column(4, "meta", pa.array(["{", "{}", "{}"])), broken)
+    res = runner.invoke(app, ["train", "--set", f"data.pairs={broken}"])
+    assert res.exit_code == 1 and f"{broken} row 1, field 'meta': not the JSON text prefopt wrote" in res.output
 
 
 def test_data_synth_writes_the_pairs_a_run_trains_on(tmp_path):

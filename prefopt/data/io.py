@@ -358,22 +358,40 @@ def pair_to_row(pair: PreferencePair) -> Row:
             "meta": dict(pair.meta)}
 
 
-def write_pairs(path: str | os.PathLike[str], pairs: Iterable[PreferencePair]) -> Path:
-    """Write pairs as JSON lines that :func:`load_pairs` turns back into exactly these pairs."""
-    out = Path(path)
-    with out.open("w", encoding="utf-8") as f:
-        for pair in pairs:
-            f.write(json.dumps(pair_to_row(pair), ensure_ascii=False, allow_nan=False) + "\n")
-    return out
+def write_pairs(path: str | os.PathLike[str], pairs: Iterable[PreferencePair], *, format: str = "jsonl") -> Path:
+    """Write pairs as JSON lines (or ``format="parquet"``) that :func:`load_pairs` turns back into exactly these
+    pairs."""
+    return _write_rows(Path(path), (pair_to_row(pair) for pair in pairs), format)
 
 
-def write_prompts(path: str | os.PathLike[str], prompts: Iterable[PromptRecord]) -> Path:
-    """Write prompt records as JSON lines (``prompt`` + ``meta``) that :func:`load_prompts` reads back."""
-    out = Path(path)
-    with out.open("w", encoding="utf-8") as f:
-        for record in prompts:
-            f.write(json.dumps({"prompt": record.prompt, "meta": dict(record.meta)}, ensure_ascii=False,
-                               allow_nan=False) + "\n")
+def write_prompts(path: str | os.PathLike[str], prompts: Iterable[PromptRecord], *, format: str = "jsonl") -> Path:
+    """Write prompt records (``prompt`` + ``meta``) as JSON lines or parquet that :func:`load_prompts` reads back."""
+    return _write_rows(Path(path), ({"prompt": r.prompt, "meta": dict(r.meta)} for r in prompts), format)
+
+
+PARQUET_KEY = b"prefopt"
+"""Schema metadata of a parquet file prefopt wrote: which columns hold JSON text (read back decoded)."""
+
+
+def _write_rows(out: Path, rows: Iterable[Row], format: str) -> Path:
+    if format == "jsonl":
+        with out.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
+        return out
+    if format != "parquet":
+        raise ValueError(f"format must be 'jsonl' or 'parquet', got {format!r}")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = list(rows)
+    # ``meta`` differs in keys from row to row and a prompt may be a conversation: a parquet column needs one
+    # type, so both travel as JSON text, named in the schema metadata so the reader restores them exactly.
+    json_columns = ["meta"] + (["prompt"] if any(not isinstance(r["prompt"], str) for r in rows) else [])
+    columns = {key: [json.dumps(r[key], ensure_ascii=False, allow_nan=False) if key in json_columns else r[key]
+                     for r in rows] for key in (rows[0] if rows else {"prompt": None, "meta": None})}
+    table = pa.table(columns).replace_schema_metadata({PARQUET_KEY: json.dumps({"json_columns": json_columns})})
+    pq.write_table(table, out)
     return out
 
 
@@ -634,7 +652,18 @@ def _parquet_rows(raw: bytes, label: str) -> list[Located]:
         table = pq.read_table(io.BytesIO(raw))
     except Exception as exc:  # corrupt file, wrong format, missing pyarrow
         raise DataError(f"{label}: could not read parquet ({_one_line(exc)}): check the file") from exc
-    return [(f"{label} row {i}", row) for i, row in enumerate(table.to_pylist(), 1)]
+    rows = table.to_pylist()
+    written = (table.schema.metadata or {}).get(PARQUET_KEY)
+    if written:  # written by prefopt (write_pairs/write_prompts): restore its JSON columns
+        json_columns = json.loads(written)["json_columns"]
+        for i, row in enumerate(rows, 1):
+            for key in json_columns:
+                try:
+                    row[key] = json.loads(row[key])
+                except (TypeError, ValueError) as exc:
+                    raise DataError(f"{label} row {i}, field '{key}': not the JSON text prefopt wrote "
+                                    f"({_one_line(exc)}): rewrite the file with prefopt data convert") from None
+    return [(f"{label} row {i}", row) for i, row in enumerate(rows, 1)]
 
 
 # --------------------------------------------------------------------------- pair adapters

@@ -2,7 +2,7 @@
 
 ``inspect`` reads a pairs or prompts source through the same loaders a run uses (formats detected per row, strict
 or ``skip_invalid``), tokenises it with the run's tokenizer and shows the token lengths and a few examples exactly
-as the model will see them (chat template included). ``convert`` writes the canonical records as JSONL, which :func:`~prefopt.data.io.load_pairs` / ``load_prompts`` read back unchanged.
+as the model will see them (chat template included). ``convert`` writes the canonical records as JSONL or parquet, which :func:`~prefopt.data.io.load_pairs` / ``load_prompts`` read back unchanged.
 """
 
 from __future__ import annotations
@@ -89,10 +89,12 @@ def inspect_source(source: str, kind: str, tokenizer, *, n_examples: int = 3, en
 
 
 def convert_source(source: str, out: str | os.PathLike, kind: str, *, overwrite: bool = False, **read) -> tuple[Path, DropReport]:
-    """Write the canonical records of ``source`` to ``out`` (.jsonl), atomically."""
+    """Write the canonical records of ``source`` to ``out`` (.jsonl or .parquet, by its suffix), atomically."""
     target = Path(out)
-    if target.suffix.lower() != ".jsonl":
-        raise PrefoptError(f"{target}: name a .jsonl file (canonical JSON lines: what load_pairs/load_prompts read back unchanged)")
+    format = target.suffix.lower()[1:]
+    if format not in ("jsonl", "parquet"):
+        raise PrefoptError(f"{target}: name a .jsonl or .parquet file (canonical records: what load_pairs/"
+                           "load_prompts read back unchanged)")
     if target.exists() and not overwrite:
         raise PrefoptError(f"{target}: exists: pass --overwrite to replace it")
     if target.is_dir():
@@ -100,7 +102,7 @@ def convert_source(source: str, out: str | os.PathLike, kind: str, *, overwrite:
     records, report = read_source(source, kind, **read)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
-        (write_pairs if kind == "pairs" else write_prompts)(tmp, records)
+        (write_pairs if kind == "pairs" else write_prompts)(tmp, records, format=format)
         os.replace(tmp, target)
     except OSError as e:
         raise PrefoptError(f"{target}: cannot write ({e.strerror or e}): choose a writable path") from None
