@@ -105,3 +105,27 @@ def test_synthetic_pairs_round_trip_through_their_file(tmp_path):
     pairs = synthesize_pairs(shared, VaderJudge(), sentiment_prompts()[:64], cfg, advance=lambda n: None)
     assert len(pairs) > 200
     assert load_pairs(write_pairs(tmp_path / "pairs.jsonl", pairs)) == pairs
+
+
+def test_annotator_pool_is_stratified_in_the_run_and_the_report(tmp_path):
+    """A pool's pairs are stratified by annotator in summary.json (with the reward model's agreement with each
+    annotator's labels), in the run's annotators.md and in `prefopt report`; one seed counts once."""
+    from prefopt.reports.compare import annotators_over_seeds, compare, write_comparison
+    from prefopt.reports.run import load_run
+
+    pool = 'data.annotators=[{"temperature": 1e-9}, {"temperature": 1e-9, "flip_rate": 0.5}]'
+    res = _run(tmp_path, "pool", pool)
+    doc = json.loads((tmp_path / "pool" / "summary.json").read_text())
+    rows = doc["meta"]["annotators"]
+    pairs = load_pairs(tmp_path / "pool" / "pairs.jsonl")
+    assert [r["annotator"] for r in rows] == [0, 1] and sum(r["pairs"] for r in rows) == len(pairs)
+    assert rows[0]["gold_agreement"] == 1.0 and rows[0]["flipped"] == 0.0  # a noiseless annotator
+    assert all(0.0 <= r["proxy_agreement"] <= 1.0 for r in rows)
+    table = (tmp_path / "pool" / "annotators.md").read_text()
+    assert "| annotator | pairs | agrees with gold | RM agrees | flipped |" in table
+    assert res.summary
+    run = load_run(tmp_path / "pool", samples=False)
+    assert annotators_over_seeds([run, run]) == [{**r, "n": 1} for r in rows]
+    write_comparison(compare([run]), tmp_path / "report")
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## Training pairs by annotator" in report and "| 1 | " in report

@@ -246,5 +246,18 @@ def test_annotator_summary_stratifies_pairs_by_annotator() -> None:
     rows = annotator_summary(pairs)
     assert [r["annotator"] for r in rows] == [0, 1] and sum(r["pairs"] for r in rows) == len(pairs)
     assert rows[0]["gold_agreement"] == 1.0 and 0.4 < rows[1]["gold_agreement"] < 0.6
+    assert rows[0]["flipped"] == 0.0 and 0.4 < rows[1]["flipped"] < 0.6 and rows[0]["chosen_first"] is None
+    assert rows[0]["pairs"] + rows[1]["pairs"] == len(pairs) and "proxy_agreement" not in rows[0]
+    # a proxy that prefers the gold winner agrees with annotator 0 always, with the noisy one half the time
+    gold = [(p.meta["score_chosen"], p.meta["score_rejected"]) for p in pairs]
+    rows = annotator_summary(pairs, proxy=gold)
+    assert rows[0]["proxy_agreement"] == 1.0 and rows[1]["proxy_agreement"] == rows[1]["gold_agreement"]
+    # verbosity and position biases show in their own columns (responses of different lengths)
+    responses = [[f"response {i}.{j}" + "!" * rng_len for j, rng_len in enumerate(random.Random(i).sample(range(40), len(rs)))]
+                 for i, rs in enumerate(responses)]
+    biased = [AnnotatorConfig(temperature=1e-9, length_bias=1e4), AnnotatorConfig(temperature=0.1, position_bias=100.0)]
+    rows = annotator_summary(simulate_preferences(prompts, responses, scores, annotator=biased, pairs_per_prompt=2, seed=0))
+    assert rows[0]["chosen_longer"] == 1.0 and rows[0]["chosen_first"] is None
+    assert rows[1]["chosen_first"] == 1.0 and 0.35 < rows[1]["chosen_longer"] < 0.65
     assert annotator_summary(simulate_preferences(prompts, responses, scores, annotator=pool[0],
                                                   pairs_per_prompt=1, seed=0)) == []

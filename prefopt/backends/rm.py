@@ -101,6 +101,13 @@ class RewardModel:
         return self.score_ids(p, r).tolist()
 
 
+def score_pairs(rm: RewardModel, pairs: Sequence[PreferencePair]) -> list[tuple[float, float]]:
+    """The reward model's (chosen, rejected) scores of ``pairs``, tokenised exactly as it was trained on them."""
+    data = encode_pairs(pairs, rm.shared.tokenizer, rm.cfg.max_prompt_tokens, rm.cfg.max_response_tokens)
+    chosen = rm.score_ids(data.prompt_ids, data.chosen_ids).tolist()
+    return list(zip(chosen, rm.score_ids(data.prompt_ids, data.rejected_ids).tolist()))
+
+
 def _scores(head: torch.nn.Module, lm, batch) -> torch.Tensor:
     """(B,) scores: the score head on the last real token's hidden state."""
     h = last_token_hidden(hidden_states(lm, batch), batch)  # (B, H)

@@ -9,6 +9,7 @@ a simulated verbosity bias turns them into labelled pairs.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections.abc import Sequence
@@ -155,24 +156,46 @@ def _sigmoid(x: float) -> float:
     return z / (1.0 + z)
 
 
-def annotator_summary(pairs: Sequence[PreferencePair]) -> list[dict]:
-    """Per annotator of a pool (``meta["annotator"]``): pairs labelled and how often the label agrees with the gold
-    score (chosen scored higher); empty when no pair names an annotator."""
+def annotator_summary(pairs: Sequence[PreferencePair], proxy: Sequence[tuple[float, float]] | None = None) -> list[dict]:
+    """Stratify the pairs of a pool by who labelled them (``meta["annotator"]``); empty when no pair names one.
+
+    Per annotator: ``pairs``; ``gold_agreement`` (chosen has the higher gold score, among pairs whose gold
+    scores differ); ``flipped`` (labels the annotator flipped); ``chosen_longer`` (chosen has more characters,
+    among pairs of unequal length: a verbosity bias shows as > 0.5); ``chosen_first`` (the chosen response was
+    the one shown first, for position-biased annotators; None otherwise); with ``proxy`` (the reward model's
+    (chosen, rejected) scores, one per pair) ``proxy_agreement``: how often the reward model ranks that
+    annotator's chosen response higher, i.e. whose labels (and biases) it learned."""
+    if proxy is not None and len(proxy) != len(pairs):
+        raise ValueError(f"proxy has {len(proxy)} score pairs for {len(pairs)} pairs")
     by: dict = {}
-    for p in pairs:
+
+    def rate(row, name, hit) -> None:
+        row["_n"][name] = row["_n"].get(name, 0) + 1
+        row[name] = row.get(name, 0.0) + float(hit)
+
+    for i, p in enumerate(pairs):
         who = p.meta.get("annotator")
         if who is None:
             continue
-        row = by.setdefault(who, {"annotator": who, "pairs": 0, "gold_agreement": 0.0, "_scored": 0})
+        if not isinstance(who, (str, int)):  # a pairs file may name annotators by anything JSON holds
+            who = json.dumps(who, sort_keys=True)
+        row = by.setdefault(who, {"annotator": who, "pairs": 0, "_n": {}})
         row["pairs"] += 1
         sc, sr = p.meta.get("score_chosen"), p.meta.get("score_rejected")
         if isinstance(sc, (int, float)) and isinstance(sr, (int, float)) and sc != sr:
-            row["_scored"] += 1
-            row["gold_agreement"] += float(sc > sr)
+            rate(row, "gold_agreement", sc > sr)
+        if isinstance(p.meta.get("flipped"), bool):
+            rate(row, "flipped", p.meta["flipped"])
+        if len(p.chosen) != len(p.rejected):
+            rate(row, "chosen_longer", len(p.chosen) > len(p.rejected))
+        if p.meta.get("shown_first") in ("chosen", "rejected"):
+            rate(row, "chosen_first", p.meta["shown_first"] == "chosen")
+        if proxy is not None and proxy[i][0] != proxy[i][1]:
+            rate(row, "proxy_agreement", proxy[i][0] > proxy[i][1])
+    names = ["gold_agreement", "flipped", "chosen_longer", "chosen_first"] + (["proxy_agreement"] if proxy is not None else [])
     out = []
     for who in sorted(by, key=str):
-        row = by[who]
-        scored = row.pop("_scored")
-        row["gold_agreement"] = row["gold_agreement"] / scored if scored else None
-        out.append(row)
+        row, n = by[who], by[who].pop("_n")
+        out.append({"annotator": who, "pairs": row["pairs"],
+                    **{k: (row[k] / n[k] if n.get(k) else None) for k in names}})
     return out

@@ -356,10 +356,6 @@ def _run(cfg: BenchConfig, inputs: Inputs, folder: RunFolder, stages: Stages, ev
     if not train_pairs:
         raise PrefoptError("no preference pairs to train on (every prompt's samples were identical?): raise data.k "
                            "or data.temperature")
-    annotators = annotator_summary(train_pairs)  # a pool: who labelled what, and how often with the gold score
-    for a in annotators:
-        agree = "n/a" if a["gold_agreement"] is None else f"{a['gold_agreement']:.2f}"
-        stages.console.log(f"annotator {a['annotator']}: {a['pairs']} pairs, agrees with gold on {agree}", highlight=False)
     write_pairs(folder.path / FILES["pairs"], train_pairs)
     write_prompts(folder.path / FILES["eval_prompts"], inputs.eval)
 
@@ -380,6 +376,8 @@ def _run(cfg: BenchConfig, inputs: Inputs, folder: RunFolder, stages: Stages, ev
                     rm = rm_backend.train(shared, train_pairs, rm_cfg, on_step=stages.logger("rm", adv))
                 claim.store(lambda d: rm.save(d))
         rm.save(folder.path / "rm")
+    annotators = _annotators(train_pairs, rm, stages)
+
 
     # 4. every policy on the same base, data and reward sources; evaluations along the way draw its path
     path_rows: list[dict] = []
@@ -446,6 +444,24 @@ def _run(cfg: BenchConfig, inputs: Inputs, folder: RunFolder, stages: Stages, ev
              path=path_rows)
     path = folder.finish(evaluated=bool(summary))
     return RunResult(path, summary, timings, hits)
+
+
+def _annotators(pairs: list, rm, stages: Stages) -> list[dict]:
+    """A pool's pairs stratified by annotator (who labelled what; agreement with gold and, with a reward model,
+    whose labels it learned), logged one line each; [] without a pool."""
+    if not any("annotator" in p.meta for p in pairs):
+        return []
+    proxy = rm_backend.score_pairs(rm, pairs) if rm is not None else None
+    rows = annotator_summary(pairs, proxy)
+
+    def f(x) -> str:
+        return "n/a" if x is None else f"{x:.2f}"
+
+    for a in rows:
+        rm_part = f", RM {f(a['proxy_agreement'])}" if proxy is not None else ""
+        stages.console.log(f"annotator {a['annotator']}: {a['pairs']} pairs; agree: gold {f(a['gold_agreement'])}"
+                           f"{rm_part}", highlight=False)
+    return rows
 
 
 def _path_point(shared, role, prompts, judge, cfg: BenchConfig, proxy, ref, rows: list, name: str, step: int,

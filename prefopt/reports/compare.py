@@ -510,12 +510,35 @@ def write_comparison(cmp: Comparison, folder: str | Path, *, command: str | None
     return sorted(Path(folder).iterdir())
 
 
+def annotators_over_seeds(runs: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """meta.annotators of the runs, one run per seed (its pairs and reward model), averaged over seeds."""
+    per_seed: dict[Any, list[dict]] = {}
+    for run in runs:
+        rows = (run.get("meta") or {}).get("annotators") or []
+        seed = (run.get("config") or {}).get("seed")
+        if rows and seed not in per_seed:
+            per_seed[seed] = rows
+    by: dict[Any, list[dict]] = defaultdict(list)
+    for rows in per_seed.values():
+        for r in rows:
+            by[r["annotator"]].append(r)
+    out = []
+    for who in sorted(by, key=str):
+        rs = by[who]
+        row = {"annotator": who, "n": len(rs)}
+        for key in {k for r in rs for k in r} - {"annotator"}:
+            xs = [r[key] for r in rs if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+            row[key] = sum(xs) / len(xs) if xs else None
+        out.append(row)
+    return out
+
+
 def _write_comparison(cmp: Comparison, out: Path, command: str | None) -> None:
     import pandas as pd
 
     from prefopt.reports import plots
     from prefopt.reports.run import dump_json
-    from prefopt.reports.tables import comparison_markdown
+    from prefopt.reports.tables import annotators_markdown, comparison_markdown
 
     variants = cmp.variants
     pooled_rows = [p.row() for p in cmp.pooled]
@@ -561,4 +584,9 @@ def _write_comparison(cmp: Comparison, out: Path, command: str | None) -> None:
     if (out / "overoptimisation.png").exists():
         lines += ["![over-optimisation](overoptimisation.png)", ""]
     lines += ["![win rates](win_rates.png)", ""]
+    pool_rows_ = annotators_over_seeds(cmp.runs)
+    if pool_rows_:
+        lines += ["## Training pairs by annotator", "",
+                  "Each seed's pairs and reward model once (cells of one seed share them), mean over the n seeds.", "",
+                  annotators_markdown(pool_rows_), ""]
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")

@@ -72,6 +72,7 @@ FILES: dict[str, str] = {
     "samples_csv": "samples.csv",
     "reward_kl": "reward_kl.png",
     "data_report": "data_report.json",
+    "annotators_md": "annotators.md",
 }
 
 
@@ -365,6 +366,9 @@ def fill_run(
     doc = {"schema_version": SCHEMA_VERSION, "meta": meta, "policies": list(policies), **(extra or {}),
            "summary": list(summary), "path": list(path)}
     folder.write_json(FILES["summary"], doc)
+    if meta.get("annotators"):
+        folder.write_text(FILES["annotators_md"], "# Training pairs by annotator\n\n"
+                          + tables.annotators_markdown(to_jsonable(meta["annotators"])))
     if summary:
         write_reports(folder.path, summary=summary, samples=samples, policies=policies, path=path,
                       title=f"Gold reward vs KL to reference: {folder.final.name}")

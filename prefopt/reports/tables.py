@@ -161,6 +161,27 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+ANNOTATOR_COLUMNS = {"pairs": "pairs", "gold_agreement": "agrees with gold", "proxy_agreement": "RM agrees",
+                     "flipped": "flipped", "chosen_longer": "chosen longer", "chosen_first": "chosen shown first"}
+
+
+def annotators_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A pool's training pairs stratified by annotator (:func:`prefopt.data.synthetic.annotator_summary` rows,
+    or their means over seeds with ``n``): who labelled what, how often with the gold score, how often the
+    reward model agrees, and the bias diagnostics (chosen longer, chosen shown first)."""
+    columns = [k for k in ANNOTATOR_COLUMNS if any(r.get(k) is not None for r in rows)]
+    extra = ["n"] if any("n" in r for r in rows) else []
+
+    def cell(key, value):
+        if value is None:
+            return "n/a"
+        return f"{value:.0f}" if key == "pairs" else f"{value:.3f}"
+
+    return markdown_table(["annotator", *(ANNOTATOR_COLUMNS[k] for k in columns), *extra],
+                          [[r["annotator"], *(cell(k, r.get(k)) for k in columns), *(r.get("n") for _ in extra)]
+                           for r in rows])
+
+
 # ---------------------------------------------------------------------------
 # Summary tables
 # ---------------------------------------------------------------------------
