@@ -170,3 +170,14 @@ def test_inspect_reads_invalid_utf8_as_replacement_and_says_what_a_run_needs():
     assert res.exit_code == 0, res.output
     assert f"note: {path}:3: invalid UTF-8" in res.output and "a run needs --set data.encoding_errors=replace" in res.output
     assert "kept all 2 rows" in res.output and "caf\ufffd" in res.output
+
+
+def test_inspect_reads_the_embedded_prompt_source():
+    """`data.prompts`' default is a name, not a file: inspect shows those prompts instead of asking the hub."""
+    res = runner.invoke(app, ["data", "inspect", "embedded:sentiment", "--as", "prompts", "--model", "tiny",
+                              "--examples", "1"], env={"COLUMNS": "100"})
+    assert res.exit_code == 0, res.output
+    assert "embedded:sentiment: embedded sentiment task (480 rows) -> 480 records" in res.output
+    assert "I watched The Glass Orchard last night and" in res.output
+    res = runner.invoke(app, ["data", "inspect", "embedded:sentiment"])
+    assert res.exit_code == 1 and "read it with --as prompts alone" in res.output

@@ -16,6 +16,7 @@ from typing import Any
 from prefopt.data.io import DropReport, read_pairs, read_prompts, write_pairs, write_prompts
 from prefopt.data.records import DataError, PreferencePair, PromptRecord
 from prefopt.errors import PrefoptError
+from prefopt.pipeline.config import EMBEDDED_PROMPTS
 
 KINDS = ("pairs", "prompts")
 
@@ -42,6 +43,15 @@ def read_source(source: str, kind: str, *, field_name: str | None = None, prefix
                 encoding_errors: str = "strict", skip_invalid: bool = False) -> tuple[list, DropReport]:
     if kind not in KINDS:
         raise PrefoptError(f"--as must be one of {', '.join(KINDS)}, got {kind!r}")
+    if source == EMBEDDED_PROMPTS:  # the run's default prompt source is a name, not a file or hub dataset
+        if kind != "prompts" or field_name or prefix_words:
+            raise PrefoptError(f"{source}: the embedded sentiment prompts: read it with --as prompts alone")
+        from prefopt.data.tasks import sentiment_prompts
+
+        records = sentiment_prompts()
+        report = DropReport(source, rows=len(records), formats={"embedded sentiment task": len(records)},
+                            records=len(records))
+        return records, report
     if kind == "pairs":
         if field_name or prefix_words:
             raise PrefoptError("--field and --prefix-words apply to --as prompts only")
