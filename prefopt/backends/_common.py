@@ -94,6 +94,52 @@ def minibatches(n: int, batch_size: int, rng: random.Random) -> list[list[int]]:
     return [idx[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
+MICRO_BATCH_TOKENS = 1024
+MICRO_BATCH_TOKENS_HELP = ("Tokens (rows x padded length) per forward pass with gradients: a minibatch is split "
+                           "into micro-batches of at most this many and their gradients summed, exactly the "
+                           "minibatch's gradient; peak memory is bounded by this, not by the data's lengths "
+                           "(SmolLM2-135M: about 2.5 MB per token). None: one pass per minibatch.")
+
+
+def micro_batches(idx: Sequence[int], lengths: Callable[[int], tuple[int, int]], max_tokens: int | None,
+                  rows_per_item: int = 1) -> list[list[int]]:
+    """Split minibatch ``idx`` (in order) into consecutive micro-batches whose padded forward -- ``rows_per_item``
+    rows per item (2 for a pair: chosen and rejected), each (longest prompt + longest response) wide, as
+    :func:`~prefopt.models.ops.make_batch` pads them -- holds at most ``max_tokens`` tokens; an item that alone
+    exceeds the budget is a micro-batch by itself. ``lengths(i)`` = (prompt tokens, response tokens) of item i."""
+    if max_tokens is None:
+        return [list(idx)] if len(idx) else []
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    P = R = 0
+    for i in idx:
+        p, r = lengths(i)
+        p2, r2 = max(P, p), max(R, max(r, 1))
+        if cur and rows_per_item * (len(cur) + 1) * (p2 + r2) > max_tokens:
+            groups.append(cur)
+            cur, p2, r2 = [], p, max(r, 1)
+        cur.append(i)
+        P, R = p2, r2
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def accumulated_step(groups: Sequence[Sequence[int]], loss_of: Callable[[Sequence[int]], torch.Tensor],
+                     params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, max_grad_norm: float,
+                     sched=None) -> None:
+    """One optimisation step over micro-batches: ``loss_of(group)`` returns that group's share of the minibatch
+    loss (e.g. the sum of its per-pair losses / pairs in the minibatch), backpropagated group by group (peak
+    memory: one group's activations); then clip the gradient norm and step."""
+    opt.zero_grad(set_to_none=True)
+    for group in groups:
+        loss_of(group).backward()
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    opt.step()
+    if sched is not None:
+        sched.step()
+
+
 def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
@@ -132,6 +178,9 @@ def lr_scheduler(opt: torch.optim.Optimizer, kind: str, total_steps: int):
 
 def check_config(cfg) -> None:
     """Positive-number checks shared by the backend configs; the message names the field and value."""
+    micro = getattr(cfg, "micro_batch_tokens", None)
+    if micro is not None and not (isinstance(micro, int) and micro >= 1):
+        raise ValueError(f"{type(cfg).__name__}.micro_batch_tokens must be a positive number of tokens or None, got {micro!r}")
     for f in fields(cfg):
         v = getattr(cfg, f.name)
         if f.metadata.get("positive") and not (isinstance(v, (int, float)) and v > 0):

@@ -15,16 +15,19 @@ import torch
 
 from prefopt.backends._common import (
     LR_SCHEDULES,
+    MICRO_BATCH_TOKENS,
+    MICRO_BATCH_TOKENS_HELP,
     StepCallback,
     TrainData,
+    accumulated_step,
     adamw,
     check_config,
     check_reward_source,
     encode_pairs,
     lr_scheduler,
+    micro_batches,
     minibatches,
     no_op,
-    optimizer_step,
 )
 from prefopt.backends.losses import DPO_LOSS_TYPES, REFERENCE_FREE, dpo_loss
 from prefopt.models.ops import make_batch, response_logprobs
@@ -56,6 +59,7 @@ class DPOConfig:
     max_prompt_tokens: int = field(default=64, metadata={"help": "Prompts keep their last N tokens.", "positive": True})
     max_response_tokens: int = field(default=64, metadata={"help": "Responses are cut to N tokens.", "positive": True})
     seed: int | None = field(default=None, metadata={"help": "Seed for shuffling (None: the run's master seed)."})
+    micro_batch_tokens: int | None = field(default=MICRO_BATCH_TOKENS, metadata={"help": MICRO_BATCH_TOKENS_HELP})
 
     def __post_init__(self):
         check_config(self)
@@ -116,21 +120,29 @@ def _epoch(lm, cfg: DPOConfig, enc, ref, params, opt, sched, rng, on_step, step:
     ref_chosen, ref_rejected = ref
     for idx in minibatches(len(enc), cfg.batch_size, rng):
         t0 = time.perf_counter()
-        # policy log-probs: chosen and rejected in one forward, rows [0, B) chosen, [B, 2B) rejected
-        prompts = [enc.prompt_ids[i] for i in idx] * 2
-        responses = [enc.chosen_ids[i] for i in idx] + [enc.rejected_ids[i] for i in idx]
-        logps = _sequence_logps(lm, prompts, responses, pad_id, device, mean=cfg.loss_type in REFERENCE_FREE).float()
-        losses, r_chosen, r_rejected = dpo_loss(
-            logps[: len(idx)], logps[len(idx) :], ref_chosen[idx].to(device), ref_rejected[idx].to(device),
-            beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, gamma=cfg.simpo_gamma,
-        )
-        loss = losses.mean()
-        optimizer_step(loss, params, opt, cfg.max_grad_norm, sched)
+        seen: list[torch.Tensor] = []  # per micro-batch: (loss, implicit reward margin) per pair
+
+        def loss_of(sub):
+            # policy log-probs: chosen and rejected in one forward, rows [0, b) chosen, [b, 2b) rejected
+            prompts = [enc.prompt_ids[i] for i in sub] * 2
+            responses = [enc.chosen_ids[i] for i in sub] + [enc.rejected_ids[i] for i in sub]
+            logps = _sequence_logps(lm, prompts, responses, pad_id, device, mean=cfg.loss_type in REFERENCE_FREE).float()
+            losses, r_chosen, r_rejected = dpo_loss(
+                logps[: len(sub)], logps[len(sub) :], ref_chosen[sub].to(device), ref_rejected[sub].to(device),
+                beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, gamma=cfg.simpo_gamma,
+            )
+            seen.append(torch.stack([losses.detach(), (r_chosen - r_rejected).detach()]))
+            return losses.sum() / len(idx)
+
+        groups = micro_batches(idx, lambda i: (len(enc.prompt_ids[i]), max(len(enc.chosen_ids[i]), len(enc.rejected_ids[i]))),
+                               cfg.micro_batch_tokens, rows_per_item=2)
+        accumulated_step(groups, loss_of, params, opt, cfg.max_grad_norm, sched)
+        losses, margins = torch.cat(seen, dim=1)
         step += 1
         on_step(step, {
-            "train/loss": loss.item(),
-            "train/reward_margin": (r_chosen - r_rejected).mean().item(),
-            "train/reward_accuracy": (r_chosen > r_rejected).float().mean().item(),
+            "train/loss": losses.mean().item(),
+            "train/reward_margin": margins.mean().item(),
+            "train/reward_accuracy": (margins > 0).float().mean().item(),
             "epoch": epoch,
             **(extra or {}),
             "time/step_s": time.perf_counter() - t0,

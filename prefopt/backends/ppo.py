@@ -56,8 +56,8 @@ from prefopt.backends.losses import (
 )
 from prefopt.models.ops import (
     SeqBatch,
-    entropy_from_logits,
     gather_logprobs,
+    logprob_stats,
     hidden_states,
     make_batch,
     response_hidden,
@@ -188,12 +188,14 @@ class _Roles:
         """(logits (B, R, V), values (B, R)) with the policy adapter active in ``lm``. Values read the states that
         predict each token: one trunk pass when the value head sits on the policy trunk."""
         hidden = hidden_states(lm, batch)
-        logits = response_logits(lm, hidden, batch, temperature)
+        return response_logits(lm, hidden, batch, temperature), self.values(hidden, batch)
+
+    def values(self, hidden: torch.Tensor, batch: SeqBatch) -> torch.Tensor:
+        """Values (B, R) from the policy trunk's states (or the value adapter's own pass)."""
         if self.cfg.value_adapter:
             with self.value_base.role(self.value_role) as vlm:
                 hidden = hidden_states(vlm, batch)
-        values = self.value_head(response_hidden(hidden, batch).float()).squeeze(-1)
-        return logits, values
+        return self.value_head(response_hidden(hidden, batch).float()).squeeze(-1)
 
     def state(self) -> dict[str, torch.Tensor]:
         state = dict(self.shared.adapter_state(self.role))
@@ -411,19 +413,19 @@ def train(
         scores = apply_eos_penalty(raw_scores, ended, cfg.missing_eos_penalty)
 
         # 3. log-probs and values of the rollout; reference log-probs; KL-penalised per-token reward
+        # (the LM head runs on a bounded number of positions at a time: no (B, R, V) logits of the whole rollout,
+        # except the full distributions that the exact KL in the loss needs)
         with torch.no_grad():
             with shared.role(role) as lm:
-                logits, old_values = roles.forward(lm, batch, cfg.temperature)
-                old_logprobs = gather_logprobs(logits, batch.response_ids)  # (B, R)
-                entropy = masked_mean(entropy_from_logits(logits), mask)
-                old_logp_full = torch.log_softmax(logits, -1) if cfg.kl_in == "loss" else None
-                del logits
+                hidden = hidden_states(lm, batch)
+                old_logprobs, token_entropy, old_logp_full = logprob_stats(
+                    lm, hidden, batch, cfg.temperature, entropy=True, full=cfg.kl_in == "loss")  # (B, R) ...
+                old_values = roles.values(hidden, batch)
+                entropy = masked_mean(token_entropy, mask)
+                del hidden
             with roles.ref_base.reference() as lm:
-                ref_logits = response_logits(lm, hidden_states(lm, batch), batch, cfg.temperature)  # (B, R, V)
-                ref_logprobs = gather_logprobs(ref_logits, batch.response_ids)  # (B, R)
-                # the whole reference distribution is kept only when the exact KL goes into the loss
-                ref_logp_full = torch.log_softmax(ref_logits, -1) if cfg.kl_in == "loss" else None
-                del ref_logits
+                ref_logprobs, _, ref_logp_full = logprob_stats(lm, hidden_states(lm, batch), batch, cfg.temperature,
+                                                               full=cfg.kl_in == "loss")
             kl = kl_per_token(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask  # (B, R)
             beta = kl_ctl.value
             if cfg.kl_in == "reward":
@@ -449,6 +451,7 @@ def train(
         with shared.role(role) as lm:
             for _ in range(cfg.ppo_epochs):
                 for idx in minibatches(len(batch_prompts), cfg.mini_batch_size, rng):
+                    n_tokens = mask[idx].sum()
                     opt.zero_grad(set_to_none=True)
                     for j in range(0, len(idx), micro):
                         sub = idx[j : j + micro]
@@ -467,7 +470,9 @@ def train(
                             # whitening divided the policy-gradient term by std(A); the KL term gets the same
                             # factor, else the effective coefficient becomes beta * std(A) and the optimum moves
                             loss = loss + beta * adv_scale * masked_mean(kl_exact, m)
-                        (loss * len(sub) / len(idx)).backward()
+                        # each micro-batch's token means weighted by its share of the minibatch's tokens: the
+                        # accumulated gradient is exactly the one of the minibatch in one pass
+                        (loss * m.sum() / n_tokens).backward()
                         for k, v in (("loss", loss), ("pg", pg_loss), ("vf", vf_loss), ("clipfrac", clipfrac),
                                      ("approx_kl", approx_kl), ("vf_clipfrac", vf_clipfrac)):
                             stats[k].append(v.item())

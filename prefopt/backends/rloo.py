@@ -24,12 +24,15 @@ from prefopt.backends._common import (
     check_config,
     check_reward_source,
     encode_training_prompts,
+    MICRO_BATCH_TOKENS,
+    MICRO_BATCH_TOKENS_HELP,
+    accumulated_step,
+    micro_batches,
     no_op,
-    optimizer_step,
     set_iteration_lr,
 )
 from prefopt.backends.losses import apply_eos_penalty, kl_per_token, masked_mean, rloo_advantages
-from prefopt.models.ops import gather_logprobs, hidden_states, make_batch, response_logits, sample
+from prefopt.models.ops import gather_logprobs, hidden_states, logprob_stats, make_batch, response_logits, sample
 from prefopt.models.shared import SharedBase
 
 
@@ -48,6 +51,7 @@ class RLOOConfig:
     missing_eos_penalty: float | None = field(default=None, metadata={"help": "Score given to responses that never end (None: no penalty)."})
     reward: str = field(default="rm", metadata={"help": "Reward source: 'rm', 'gold', 'hf:<classifier>' or 'py:module:function' (as PPO)."})
     seed: int | None = field(default=None, metadata={"help": "Seed for prompt order and sampling (None: the run's master seed)."})
+    micro_batch_tokens: int | None = field(default=MICRO_BATCH_TOKENS, metadata={"help": MICRO_BATCH_TOKENS_HELP})
 
     def __post_init__(self):
         check_config(self)
@@ -103,16 +107,29 @@ def train(
         raw = data.score_fn(prompts, responses).to(device).float()
         scores = apply_eos_penalty(raw, ended, cfg.missing_eos_penalty)
         with torch.no_grad(), shared.reference() as ref_lm:
-            ref_logprobs = gather_logprobs(response_logits(ref_lm, hidden_states(ref_lm, batch), batch, cfg.temperature),
-                                           batch.response_ids)
+            ref_logprobs = logprob_stats(ref_lm, hidden_states(ref_lm, batch), batch, cfg.temperature)[0]
+        k, n = cfg.k, len(prompts)
+        seq_kl, returns, advantages = (torch.zeros(n, device=device) for _ in range(3))
+        shares: list[torch.Tensor] = []
+
+        def loss_of(group):  # prompts of this micro-batch (each with its k samples): their share of the loss
+            rows = [g * k + j for g in group for j in range(k)]
+            mb = make_batch([prompts[i] for i in rows], [responses[i] for i in rows], tok.pad_token_id, device)
+            logprobs = gather_logprobs(response_logits(lm, hidden_states(lm, mb), mb, cfg.temperature), mb.response_ids)
+            R = mb.response_ids.shape[1]
+            kl = (kl_per_token(logprobs.detach(), ref_logprobs[rows, :R], "k1") * mb.response_mask).sum(-1)
+            seq_kl[rows] = kl
+            returns[rows] = scores[rows] - cfg.kl_coef * kl
+            advantages[rows] = rloo_advantages(returns[rows], k)  # a prompt's samples are all in this group
+            share = -(advantages[rows] * (logprobs * mb.response_mask).sum(-1)).sum() / n
+            shares.append(share.detach())
+            return share
+
         with shared.role(role) as lm:
-            logprobs = gather_logprobs(response_logits(lm, hidden_states(lm, batch), batch, cfg.temperature),
-                                       batch.response_ids)
-            seq_kl = (kl_per_token(logprobs.detach(), ref_logprobs, "k1") * mask).sum(-1)  # (B*k,)
-            returns = scores - cfg.kl_coef * seq_kl
-            advantages = rloo_advantages(returns, cfg.k)
-            loss = -(advantages * (logprobs * mask).sum(-1)).mean()
-            optimizer_step(loss, params, opt, cfg.max_grad_norm)
+            groups = micro_batches(range(len(mine)), lambda g: (len(prompts[g * k]), max(len(responses[g * k + j]) for j in range(k))),
+                                   cfg.micro_batch_tokens, rows_per_item=k)
+            accumulated_step(groups, loss_of, params, opt, cfg.max_grad_norm)
+        loss = torch.stack(shares).sum()
         on_step(step, {
             "train/loss": loss.item(),
             "train/score": raw.mean().item(),

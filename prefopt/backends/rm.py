@@ -15,7 +15,18 @@ from typing import Sequence
 
 import torch
 
-from prefopt.backends._common import StepCallback, adamw, check_config, encode_pairs, minibatches, no_op
+from prefopt.backends._common import (
+    MICRO_BATCH_TOKENS,
+    MICRO_BATCH_TOKENS_HELP,
+    StepCallback,
+    accumulated_step,
+    adamw,
+    check_config,
+    encode_pairs,
+    micro_batches,
+    minibatches,
+    no_op,
+)
 from prefopt.backends.losses import bradley_terry_loss
 from prefopt.data.records import PreferencePair, Prompt
 from prefopt.models.ops import encode_prompts, encode_responses, hidden_states, last_token_hidden, make_batch
@@ -39,6 +50,7 @@ class RewardConfig:
     when: str = field(default="auto", metadata={"help": "'auto': train the reward model when a policy needs it (reward 'rm'); 'always': "
                                                 "also for runs without one, so every policy gets a proxy reward and the gold-proxy gap."})
     seed: int | None = field(default=None, metadata={"help": "Seed for shuffling (None: the run's master seed)."})
+    micro_batch_tokens: int | None = field(default=MICRO_BATCH_TOKENS, metadata={"help": MICRO_BATCH_TOKENS_HELP})
 
     def __post_init__(self):
         check_config(self)
@@ -135,25 +147,31 @@ def train(
         for epoch in range(cfg.epochs):
             for idx in minibatches(len(data), cfg.batch_size, rng):
                 t0 = time.perf_counter()
-                # chosen and rejected in one forward: rows [0, B) chosen, [B, 2B) rejected
-                prompts = [data.prompt_ids[i] for i in idx] * 2
-                responses = [data.chosen_ids[i] for i in idx] + [data.rejected_ids[i] for i in idx]
-                batch = make_batch(prompts, responses, tok.pad_token_id, shared.device)
-                scores = _scores(shared.heads[role], lm, batch)  # (2B,)
-                chosen, rejected = scores[: len(idx)], scores[len(idx) :]
-                margin = None
-                if any(data.margins[i] is not None for i in idx):
-                    margin = torch.tensor([data.margins[i] or 0.0 for i in idx], device=scores.device)
-                loss = bradley_terry_loss(chosen, rejected, margin).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                opt.step()
+                seen: list[torch.Tensor] = []  # per micro-batch: (loss, chosen - rejected) per pair
+
+                def loss_of(sub):
+                    # chosen and rejected in one forward: rows [0, b) chosen, [b, 2b) rejected
+                    prompts = [data.prompt_ids[i] for i in sub] * 2
+                    responses = [data.chosen_ids[i] for i in sub] + [data.rejected_ids[i] for i in sub]
+                    batch = make_batch(prompts, responses, tok.pad_token_id, shared.device)
+                    scores = _scores(shared.heads[role], lm, batch)  # (2b,)
+                    chosen, rejected = scores[: len(sub)], scores[len(sub) :]
+                    margin = None
+                    if any(data.margins[i] is not None for i in idx):
+                        margin = torch.tensor([data.margins[i] or 0.0 for i in sub], device=scores.device)
+                    losses = bradley_terry_loss(chosen, rejected, margin)
+                    seen.append(torch.stack([losses.detach(), (chosen - rejected).detach()]))
+                    return losses.sum() / len(idx)
+
+                groups = micro_batches(idx, lambda i: (len(data.prompt_ids[i]), max(len(data.chosen_ids[i]), len(data.rejected_ids[i]))),
+                                       cfg.micro_batch_tokens, rows_per_item=2)
+                accumulated_step(groups, loss_of, params, opt, cfg.max_grad_norm)
+                losses, diffs = torch.cat(seen, dim=1)
                 step += 1
                 on_step(step, {
-                    "train/loss": loss.item(),
-                    "train/reward_accuracy": (chosen > rejected).float().mean().item(),
-                    "train/reward_margin": (chosen - rejected).mean().item(),
+                    "train/loss": losses.mean().item(),
+                    "train/reward_accuracy": (diffs > 0).float().mean().item(),
+                    "train/reward_margin": diffs.mean().item(),
                     "epoch": epoch,
                     "time/step_s": time.perf_counter() - t0,
                 })

@@ -18,14 +18,17 @@ import torch
 
 from prefopt.backends._common import (
     LR_SCHEDULES,
+    MICRO_BATCH_TOKENS,
+    MICRO_BATCH_TOKENS_HELP,
     StepCallback,
     TrainData,
+    accumulated_step,
     adamw,
     check_config,
     lr_scheduler,
+    micro_batches,
     minibatches,
     no_op,
-    optimizer_step,
 )
 from prefopt.backends.losses import masked_mean
 from prefopt.models.ops import encode_prompts, encode_responses, make_batch, response_logprobs
@@ -42,6 +45,7 @@ class SFTConfig:
     max_prompt_tokens: int = field(default=64, metadata={"help": "Prompts keep their last N tokens.", "positive": True})
     max_response_tokens: int = field(default=64, metadata={"help": "Responses are cut to N tokens.", "positive": True})
     seed: int | None = field(default=None, metadata={"help": "Seed for shuffling and the adapter's start (None: the run's master seed)."})
+    micro_batch_tokens: int | None = field(default=MICRO_BATCH_TOKENS, metadata={"help": MICRO_BATCH_TOKENS_HELP})
 
     def __post_init__(self):
         check_config(self)
@@ -92,14 +96,24 @@ def train(
         for _ in range(cfg.epochs):
             for idx in minibatches(n, cfg.batch_size, rng):
                 t0 = time.perf_counter()
-                batch = make_batch([prompt_ids[i] for i in idx], [response_ids[i] for i in idx], tok.pad_token_id, device)
-                logps = response_logprobs(lm, batch).float()
-                loss = sft_loss(logps, batch.response_mask)
-                optimizer_step(loss, params, opt, cfg.max_grad_norm, sched)
+                n_tokens = sum(len(response_ids[i]) for i in idx)
+                nll = []
+
+                def loss_of(sub):
+                    # the minibatch's mean NLL per response token, this micro-batch's share of it
+                    batch = make_batch([prompt_ids[i] for i in sub], [response_ids[i] for i in sub], tok.pad_token_id, device)
+                    logps = response_logprobs(lm, batch).float()
+                    share = sft_loss(logps, batch.response_mask) * batch.response_mask.sum() / max(n_tokens, 1)
+                    nll.append(share.detach())
+                    return share
+
+                groups = micro_batches(idx, lambda i: (len(prompt_ids[i]), len(response_ids[i])), cfg.micro_batch_tokens)
+                accumulated_step(groups, loss_of, params, opt, cfg.max_grad_norm, sched)
+                loss = torch.stack(nll).sum()
                 step += 1
                 on_step(step, {
                     "train/loss": loss.item(),
-                    "train/perplexity": float(torch.exp(loss.detach())),
-                    "train/tokens": int(batch.response_mask.sum().item()),
+                    "train/perplexity": float(torch.exp(loss)),
+                    "train/tokens": n_tokens,
                     "time/step_s": time.perf_counter() - t0,
                 })

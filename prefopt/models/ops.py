@@ -94,8 +94,37 @@ def response_logits(lm, hidden: torch.Tensor, batch: SeqBatch, temperature: floa
 
 
 def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[tokens]: (B, R, V), (B, R) -> (B, R)."""
-    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    """log softmax(logits)[tokens] = logit - logsumexp(logits): (B, R, V), (B, R) -> (B, R), without materialising
+    a second (B, R, V) tensor (the log-softmax) in the forward pass."""
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+LOGIT_POSITIONS = 512
+"""Response positions whose vocabulary logits a no-grad pass holds at once (512 x 49k fp32 = 100 MB): evaluation,
+reference and rollout log-probs cost memory bounded by this, not by their batch."""
+
+
+@torch.no_grad()
+def logprob_stats(lm, hidden: torch.Tensor, batch: SeqBatch, temperature: float = 1.0, *, entropy: bool = False,
+                  full: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """No-grad per-token statistics of the response under ``lm`` from its trunk states: log-probs (B, R), with
+    ``entropy`` the entropy (B, R), with ``full`` the whole log-softmax (B, R, V). The LM head runs on at most
+    :data:`LOGIT_POSITIONS` positions at a time; rows are independent, so this equals the one-shot computation."""
+    head, states, tokens = lm.get_output_embeddings(), response_hidden(hidden, batch), batch.response_ids
+    rows = max(1, LOGIT_POSITIONS // max(tokens.shape[1], 1))
+    logps, ents, fulls = [], [], []
+    for i in range(0, tokens.shape[0], rows):
+        logits = head(states[i : i + rows]).float() / temperature
+        logps.append(gather_logprobs(logits, tokens[i : i + rows]))
+        if entropy or full:
+            logp = torch.log_softmax(logits, dim=-1)
+            if entropy:
+                ents.append(-(logp.exp() * logp).sum(-1))
+            if full:
+                fulls.append(logp)
+        del logits
+    cat = lambda xs: torch.cat(xs) if xs else None  # noqa: E731
+    return cat(logps), cat(ents), cat(fulls)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -105,8 +134,12 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 def response_logprobs(lm, batch: SeqBatch, temperature: float = 1.0) -> torch.Tensor:
-    """Per-token log-probs of the response tokens under ``lm`` (active adapter): (B, R), zero on padding."""
-    logits = response_logits(lm, hidden_states(lm, batch), batch, temperature)
+    """Per-token log-probs of the response tokens under ``lm`` (active adapter): (B, R), zero on padding. Without
+    grad, the LM head runs in chunks (:func:`logprob_stats`)."""
+    hidden = hidden_states(lm, batch)
+    if not torch.is_grad_enabled():
+        return logprob_stats(lm, hidden, batch, temperature)[0] * batch.response_mask
+    logits = response_logits(lm, hidden, batch, temperature)
     return gather_logprobs(logits, batch.response_ids) * batch.response_mask
 
 
@@ -268,6 +301,7 @@ __all__ = [
     "response_logits",
     "gather_logprobs",
     "entropy_from_logits",
+    "logprob_stats",
     "response_logprobs",
     "last_token_hidden",
     "render_prompt",

@@ -1,0 +1,141 @@
+"""Memory bounds are exact rewrites of the naive computation: log-probs via logsumexp, the LM head in chunks
+without grad, and minibatches split into token-bounded micro-batches whose summed gradients are the minibatch's.
+Each is checked against its naive form on the tiny model."""
+
+import copy
+import random
+
+import pytest
+import torch
+
+from prefopt.backends import dpo, ppo, rloo, rm, sft
+from prefopt.backends._common import TrainData, micro_batches
+from prefopt.data.records import Demonstration, PreferencePair
+from prefopt.models import ops
+from prefopt.models.shared import LoraSettings, SharedBase
+
+
+def test_gather_logprobs_equals_log_softmax():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 50, generator=g) * 4
+    tokens = torch.randint(0, 50, (3, 5), generator=g)
+    naive = torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(ops.gather_logprobs(logits, tokens), naive, rtol=0, atol=1e-5)
+
+
+def test_chunked_head_equals_one_shot(tiny, monkeypatch):
+    lm, tok = tiny
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 60) for _ in range(rng.randrange(1, 6))] for _ in range(7)]
+    responses = [[rng.randrange(3, 60) for _ in range(rng.randrange(0, 9))] for _ in range(7)]
+    batch = ops.make_batch(prompts, responses, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        hidden = ops.hidden_states(lm, batch)
+        logits = ops.response_logits(lm, hidden, batch, 0.7)
+        naive_lp = ops.gather_logprobs(logits, batch.response_ids)
+        naive_ent = ops.entropy_from_logits(logits)
+        monkeypatch.setattr(ops, "LOGIT_POSITIONS", 10)  # 10 // 8 positions = 1 row per chunk
+        lp, ent, full = ops.logprob_stats(lm, hidden, batch, 0.7, entropy=True, full=True)
+        torch.testing.assert_close(lp, naive_lp)
+        torch.testing.assert_close(ent, naive_ent)
+        torch.testing.assert_close(full, torch.log_softmax(logits, -1))
+        torch.testing.assert_close(ops.response_logprobs(lm, batch, 0.7), naive_lp * batch.response_mask)
+
+
+def test_micro_batches_respect_the_token_budget():
+    lengths = {0: (3, 5), 1: (2, 2), 2: (4, 1), 3: (10, 10), 4: (1, 1)}
+    f = lengths.__getitem__
+    assert micro_batches([0, 1, 2, 3, 4], f, None) == [[0, 1, 2, 3, 4]]
+    # padded widths: {0,1}: 2 x (3+5) = 16 <= 16; adding 2 -> 3 x (4+5) = 27 > 16
+    assert micro_batches([0, 1, 2, 3, 4], f, 16) == [[0, 1], [2], [3], [4]]
+    assert micro_batches([0, 1, 2, 3, 4], f, 24, rows_per_item=2) == [[0], [1, 2], [3], [4]]  # {1,2}: 2 x 2 x 6 = 24
+    assert micro_batches([], f, 16) == []
+    for budget in (1, 7, 30, 100):  # order kept, every item once, every multi-item group within budget
+        groups = micro_batches(list(lengths), f, budget, rows_per_item=2)
+        assert [i for g in groups for i in g] == list(lengths)
+        for g in groups:
+            width = max(lengths[i][0] for i in g) + max(lengths[i][1] for i in g)
+            assert len(g) == 1 or 2 * len(g) * width <= budget
+
+
+def _pairs(n=10, seed=0):
+    rng = random.Random(seed)
+    word = lambda: "".join(rng.choice("abcdefgh ") for _ in range(rng.randrange(1, 14)))  # noqa: E731
+    return [PreferencePair(prompt=word() + "?", chosen=word(), rejected=word(), margin=None) for _ in range(n)]
+
+
+def _first_gradient(tiny, train, monkeypatch):
+    """The gradient of the first optimisation step of train(shared), from identical starts (captured where it is
+    clipped; later steps are not compared: Adam's first steps turn rounding-level differences of near-zero
+    gradient entries into lr-sized ones)."""
+    lm, tok = tiny
+    shared = SharedBase(copy.deepcopy(lm), tok, LoraSettings(r=4, alpha=8))
+    grads = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def capture(params, *args, **kwargs):
+        params = list(params)
+        if not grads:
+            grads.append([p.grad.clone() for p in params])
+        return clip(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", capture)
+    train(shared)
+    assert grads and any(g.abs().max() > 0 for g in grads[0])
+    return grads[0]
+
+
+def _assert_same(a, b):
+    """Equal up to float rounding: padding differs between the two (each micro-batch is padded to its own
+    width), so sums run in other orders; a wrong weighting of the micro-batches is off by 10s of percent."""
+    assert len(a) == len(b)
+    scale = max(float(x.abs().max()) for x in a)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("backend", ["rm", "dpo", "ipo", "simpo", "sft"])
+def test_micro_batched_training_equals_one_pass(tiny, backend, monkeypatch):
+    """Every pair (demonstration) in its own micro-batch gives the gradient of one pass over the minibatch."""
+    pairs = _pairs()
+
+    def run(micro):
+        if backend == "rm":
+            cfg = rm.RewardConfig(batch_size=5, epochs=1, learning_rate=1e-2, normalize_on=0, micro_batch_tokens=micro)
+            return _first_gradient(tiny, lambda s: rm.train(s, pairs, cfg), monkeypatch)
+        if backend == "sft":
+            cfg = sft.SFTConfig(batch_size=5, learning_rate=1e-2, micro_batch_tokens=micro)
+            demos = [Demonstration(p.prompt, p.chosen, {}) for p in pairs]
+            return _first_gradient(tiny, lambda s: sft.train(s, cfg, TrainData(demos=demos)), monkeypatch)
+        loss = {"dpo": "sigmoid"}.get(backend, backend)
+        cfg = dpo.DPOConfig(batch_size=5, learning_rate=1e-2, loss_type=loss, micro_batch_tokens=micro)
+        return _first_gradient(tiny, lambda s: dpo.train(s, cfg, TrainData(pairs=pairs)), monkeypatch)
+
+    _assert_same(run(None), run(1))
+
+
+def _score(prompt_ids, response_ids):
+    return torch.tensor([float(sum(t % 7 == 0 for t in r)) for r in response_ids])
+
+
+def test_micro_batched_rloo_equals_one_pass(tiny, monkeypatch):
+    prompts = [[5 + i, 9, 11 + i] for i in range(6)]
+
+    def run(micro):
+        cfg = rloo.RLOOConfig(steps=1, batch_size=3, k=3, max_new_tokens=5, learning_rate=1e-2, micro_batch_tokens=micro)
+        return _first_gradient(tiny, lambda s: rloo.train(s, cfg, TrainData(prompts=prompts, score_fn=_score)), monkeypatch)
+
+    _assert_same(run(None), run(1))
+
+
+def test_ppo_grad_accumulation_equals_one_pass(tiny, monkeypatch):
+    """Micro-batches weighted by their share of the minibatch's tokens: exactly the one-pass gradient, also when
+    the micro-batches hold different numbers of response tokens."""
+    prompts = [[5 + i, 9, 11 + i] for i in range(8)]
+
+    def run(accum):
+        cfg = ppo.PPOConfig(steps=1, batch_size=4, mini_batch_size=4, grad_accum=accum, ppo_epochs=1, max_new_tokens=6,
+                            learning_rate=1e-2, seed=0)
+        return _first_gradient(tiny, lambda s: ppo.train(s, cfg, TrainData(prompts=prompts, score_fn=_score)), monkeypatch)
+
+    _assert_same(run(1), run(4))
