@@ -384,8 +384,13 @@ def test_best_of_n_is_evaluated_like_any_policy(tmp_path):
     assert math.isclose(summary[("bon4", "eval/kl_to_ref")]["mean"], math.log(4) - 3 / 4)
     assert summary[("bon1", "eval/kl_to_ref")]["mean"] == 0.0
     assert not (out / "policies" / "bon4" / "adapter_model.safetensors").exists()
+    # prefopt eval rebuilds best-of-n from its n and its reward source: the same samples and metrics as the run's
     res = runner.invoke(app, ["eval", str(out), "--out", str(tmp_path / "ev")])
-    assert res.exit_code == 1 and "best-of-n (no adapter to load)" in _one_error_line(res.output)
+    assert res.exit_code == 0, res.output
+    again = {(r["policy"], r["metric"]): r for r in json.loads((tmp_path / "ev" / "summary.json").read_text())["summary"]}
+    for key in [("bon4", "eval/gold_reward"), ("bon4", "eval/kl_to_ref"), ("bon1", "eval/gold_reward"),
+                ("dpo", "eval/gold_reward"), ("bon4", "eval/win_rate_vs_ref")]:
+        assert again[key]["mean"] == summary[key]["mean"], key
 
 
 def test_same_command_and_seed_give_identical_metrics(tmp_path):

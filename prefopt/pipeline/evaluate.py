@@ -22,11 +22,21 @@ from prefopt.backends import rm as rm_backend
 from prefopt.data.io import load_prompts
 from prefopt.data.judges import load_judge
 from prefopt.errors import RunError
-from prefopt.eval.harness import REFERENCE, evaluate
+from prefopt.eval.harness import REFERENCE, BestOfN, evaluate
 from prefopt.eval.metrics import metric_versions
 from prefopt.models.base import pick_device
 from prefopt.models.shared import LoraSettings, SharedBase
-from prefopt.pipeline.bench import POLICY_INFO, SFT_DIR, RunResult, Stages, base_model, eval_settings, sft_digest, versions
+from prefopt.pipeline.bench import (
+    POLICY_INFO,
+    SFT_DIR,
+    RunResult,
+    Stages,
+    base_model,
+    eval_settings,
+    reward_fn,
+    sft_digest,
+    versions,
+)
 from prefopt.pipeline.config import BenchConfig
 from prefopt.reports.run import FILES, read_marker, write_run
 
@@ -76,10 +86,19 @@ def evaluate_runs(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike 
             names[p if len(runs) == 1 else f"{r['dir'].name}/{p}"] = (r["dir"], p)
     if len(names) != sum(len(r["policies"]) for r in runs):
         raise RunError("two runs share a folder name: give runs with distinct folder names")
-    for run_dir, policy in names.values():
-        if C.load_file(run_dir / "policies" / policy / POLICY_INFO).get("backend") == "bon":
-            raise RunError(f"{run_dir}: policy '{policy}' is best-of-n (no adapter to load): evaluate it with "
-                           "`prefopt bench` (it trains nothing), or leave that run out")
+    infos = {display: C.load_file(run_dir / "policies" / policy / POLICY_INFO) for display, (run_dir, policy) in names.items()}
+    text_rewards = {}  # best-of-n trains nothing: it is rebuilt from its n and its run's reward source
+    for display, info in infos.items():
+        if info.get("backend") != "bon":
+            continue
+        spec, run_dir = info.get("config", {}).get("reward", "rm"), names[display][0]
+        if spec == "rm" and not (run_dir / "rm").is_dir():
+            raise RunError(f"{run_dir}: best-of-n policy '{names[display][1]}' ranks by the run's reward model, "
+                           "but the run has no rm/ folder")
+        if spec not in ("rm", "gold") and spec not in text_rewards:
+            from prefopt.models.rewards import SequenceClassifierReward
+
+            text_rewards[spec] = SequenceClassifierReward.load(spec[3:]) if spec.startswith("hf:") else load_judge(spec)
 
     out = Path(out_dir) if out_dir else Path("runs") / datetime.now().strftime("eval-%Y%m%d-%H%M%S")
     from prefopt.reports.run import RunFolder
@@ -95,15 +114,19 @@ def evaluate_runs(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike 
         shared = shared.merge_role(SFT_DIR)
     roles, proxies, rms, policy_info = {}, {}, {}, {}
     for display, (run_dir, policy) in names.items():
-        role = re.sub(r"[^A-Za-z0-9_]", "_", f"p{len(roles)}_{policy}")
-        shared.load_role(role, run_dir / "policies" / policy)
-        roles[display] = role
-        info = C.load_file(run_dir / "policies" / policy / POLICY_INFO)
-        policy_info[display] = {"backend": info.get("backend"), "config": info.get("config", {}), "run": str(run_dir)}
+        info = infos[display]
         if (run_dir / "rm").is_dir():
             if run_dir not in rms:
                 rms[run_dir] = rm_backend.RewardModel.load(shared, run_dir / "rm", role=f"rm{len(rms)}")
             proxies[display] = rms[run_dir].score_ids
+        if info.get("backend") == "bon":
+            spec = info.get("config", {}).get("reward", "rm")
+            roles[display] = BestOfN(int(info["config"]["n"]), reward_fn(spec, rms.get(run_dir), judge, tok, text_rewards))
+        else:
+            role = re.sub(r"[^A-Za-z0-9_]", "_", f"p{len(roles)}_{policy}")
+            shared.load_role(role, run_dir / "policies" / policy)
+            roles[display] = role
+        policy_info[display] = {"backend": info.get("backend"), "config": info.get("config", {}), "run": str(run_dir)}
     if runs[0]["dir"] in rms:
         proxies[REFERENCE] = rms[runs[0]["dir"]].score_ids
     policies = {REFERENCE: None, **roles}
