@@ -30,3 +30,35 @@ def test_two_process_ppo_ranks_stay_in_sync(tmp_path):
         assert r0["params"][k] == pytest.approx(r1["params"][k], abs=1e-6), k
     for m0, m1 in zip(r0["metrics"], r1["metrics"]):
         assert m0["train/kl"] == pytest.approx(m1["train/kl"]) and m0["train/score"] == pytest.approx(m1["train/score"])
+
+
+def _close(a, b, rel=1e-5):
+    """Equal up to float rounding (a different summation order), relative to the largest entry."""
+    scale = max(max((abs(x) for x in row), default=0.0) for row in a) or 1.0
+    return all(len(x) == len(y) and all(abs(u - v) <= rel * scale for u, v in zip(x, y)) for x, y in zip(a, b))
+
+
+def test_two_process_rm_dpo_sft_rloo_ranks_agree_and_match_one_process(tmp_path):
+    """Every other backend data-parallel: the ranks end with identical weights; the reward model, DPO and SFT
+    (no sampling) take exactly the one-process steps (first gradients and every step's loss agree up to float
+    rounding); RLOO's ranks sample different rollouts and average their gradients."""
+    script = Path(__file__).with_name("_dist_backends.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    single = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    assert single.returncode == 0, single.stderr[-3000:]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    one = json.loads((tmp_path / "1-rank0.json").read_text())
+    r0, r1 = (json.loads((tmp_path / f"2-rank{i}.json").read_text()) for i in (0, 1))
+    assert r0["world"] == r1["world"] == 2 and one["world"] == 1
+    for name in ("rm", "dpo", "sft", "rloo"):
+        for k in r0[name]["weights"]:  # identical steps on both ranks
+            assert r0[name]["weights"][k] == pytest.approx(r1[name]["weights"][k], abs=1e-7), (name, k)
+        assert r0[name]["metrics"] == r1[name]["metrics"], name
+    for name in ("rm", "dpo", "sft"):  # each rank half of every minibatch, gradients summed: the one-process step
+        assert _close(one[name]["first_grad"], r0[name]["first_grad"]), name
+        for m1, m2 in zip(one[name]["metrics"], r0[name]["metrics"], strict=True):
+            assert m1["train/loss"] == pytest.approx(m2["train/loss"], rel=1e-4), name
+    assert r0["rloo"]["rollouts"] != r1["rloo"]["rollouts"]  # each rank its own prompts and samples

@@ -127,17 +127,63 @@ def micro_batches(idx: Sequence[int], lengths: Callable[[int], tuple[int, int]],
 
 def accumulated_step(groups: Sequence[Sequence[int]], loss_of: Callable[[Sequence[int]], torch.Tensor],
                      params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, max_grad_norm: float,
-                     sched=None) -> None:
+                     sched=None, dist: PartialState | None = None, reduction: str = "sum") -> None:
     """One optimisation step over micro-batches: ``loss_of(group)`` returns that group's share of the minibatch
     loss (e.g. the sum of its per-pair losses / pairs in the minibatch), backpropagated group by group (peak
-    memory: one group's activations); then clip the gradient norm and step."""
+    memory: one group's activations); then clip the gradient norm and step.
+
+    Data-parallel (``dist`` with several processes): each rank passes the groups of its own shard of the
+    minibatch (:func:`shard`) and the gradients are summed across ranks before clipping -- exactly the one-process
+    gradient, so every rank takes the same step and the weights stay identical. ``reduction="mean"``: each rank's
+    loss is a whole batch of its own (PPO/RLOO rollouts), and the gradients are averaged."""
     opt.zero_grad(set_to_none=True)
     for group in groups:
         loss_of(group).backward()
+    reduce_grads(params, dist, reduction)
     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     opt.step()
     if sched is not None:
         sched.step()
+
+
+def shard(idx: Sequence[int], dist: PartialState | None) -> list[int]:
+    """This rank's items of a minibatch (every rank draws the same minibatches from the same seed)."""
+    if dist is None or dist.num_processes == 1:
+        return list(idx)
+    return list(idx)[dist.process_index :: dist.num_processes]
+
+
+def reduce_grads(params: list[torch.nn.Parameter], dist: PartialState | None, reduction: str = "sum") -> None:
+    """All-reduce the parameters' gradients across ranks in one flat tensor (a parameter without a gradient on
+    some rank counts as zeros there)."""
+    if dist is None or dist.num_processes == 1:
+        return
+    from accelerate.utils import reduce as all_reduce
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = all_reduce(torch.cat([g.reshape(-1) for g in grads]), reduction=reduction)  # one all-reduce, not hundreds
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
+def pair_stats(seen: Sequence[torch.Tensor], n: int, dist: PartialState | None) -> tuple[float, float, float]:
+    """(mean loss, accuracy, mean margin) of a minibatch of ``n`` pairs from each micro-batch's (2, b) tensor of
+    per-pair (loss, margin), summed over ranks."""
+    local = torch.cat(list(seen), dim=1) if seen else torch.zeros(2, 0)
+    sums = torch.stack([local[0].sum(), (local[1] > 0).float().sum(), local[1].sum()]).double()
+    loss, correct, margin = (sum_across(sums, dist) / max(n, 1)).tolist()
+    return loss, correct, margin
+
+
+def sum_across(t: torch.Tensor, dist: PartialState | None) -> torch.Tensor:
+    """Sum of a tensor over ranks (itself with one process)."""
+    if dist is None or dist.num_processes == 1:
+        return t
+    from accelerate.utils import reduce as all_reduce
+
+    return all_reduce(t, reduction="sum")
 
 
 def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:

@@ -23,11 +23,15 @@ from prefopt.backends._common import (
     adamw,
     check_config,
     check_reward_source,
+    dist_state,
     encode_pairs,
     lr_scheduler,
     micro_batches,
     minibatches,
     no_op,
+    pair_stats,
+    shard,
+    sum_across,
 )
 from prefopt.backends.losses import DPO_LOSS_TYPES, REFERENCE_FREE, dpo_loss
 from prefopt.models.ops import make_batch, response_logprobs
@@ -106,18 +110,25 @@ def _reference_logps(shared: SharedBase, cfg: DPOConfig, enc, device) -> tuple[t
     ref_chosen, ref_rejected = torch.zeros(n), torch.zeros(n)
     if cfg.loss_type in REFERENCE_FREE:
         return ref_chosen, ref_rejected
+    dist = dist_state()
+    chunks = shard(range(0, n, 2 * cfg.batch_size), dist)  # each rank its share of the chunks, then summed
     with torch.no_grad(), shared.reference() as lm:
-        for i in range(0, n, 2 * cfg.batch_size):
+        for i in chunks:
             sl = slice(i, i + 2 * cfg.batch_size)
             ref_chosen[sl] = _sequence_logps(lm, enc.prompt_ids[sl], enc.chosen_ids[sl], tok.pad_token_id, device).float().cpu()
             ref_rejected[sl] = _sequence_logps(lm, enc.prompt_ids[sl], enc.rejected_ids[sl], tok.pad_token_id, device).float().cpu()
+    if dist.num_processes > 1:
+        both = sum_across(torch.stack([ref_chosen, ref_rejected]).to(device), dist).cpu()
+        ref_chosen, ref_rejected = both[0], both[1]
     return ref_chosen, ref_rejected
 
 
 def _epoch(lm, cfg: DPOConfig, enc, ref, params, opt, sched, rng, on_step, step: int, epoch: int, device, pad_id,
            extra: dict | None = None) -> int:
-    """One pass of minibatch steps over encoded pairs; returns the last step number."""
+    """One pass of minibatch steps over encoded pairs; returns the last step number. Under ``accelerate launch``
+    each rank takes a shard of every minibatch and the gradients are summed: the one-process step on every rank."""
     ref_chosen, ref_rejected = ref
+    dist = dist_state()
     for idx in minibatches(len(enc), cfg.batch_size, rng):
         t0 = time.perf_counter()
         seen: list[torch.Tensor] = []  # per micro-batch: (loss, implicit reward margin) per pair
@@ -134,15 +145,15 @@ def _epoch(lm, cfg: DPOConfig, enc, ref, params, opt, sched, rng, on_step, step:
             seen.append(torch.stack([losses.detach(), (r_chosen - r_rejected).detach()]))
             return losses.sum() / len(idx)
 
-        groups = micro_batches(idx, lambda i: (len(enc.prompt_ids[i]), max(len(enc.chosen_ids[i]), len(enc.rejected_ids[i]))),
+        groups = micro_batches(shard(idx, dist), lambda i: (len(enc.prompt_ids[i]), max(len(enc.chosen_ids[i]), len(enc.rejected_ids[i]))),
                                cfg.micro_batch_tokens, rows_per_item=2)
-        accumulated_step(groups, loss_of, params, opt, cfg.max_grad_norm, sched)
-        losses, margins = torch.cat(seen, dim=1)
+        accumulated_step(groups, loss_of, params, opt, cfg.max_grad_norm, sched, dist=dist)
+        loss, accuracy, margin = pair_stats(seen, len(idx), dist)
         step += 1
         on_step(step, {
-            "train/loss": losses.mean().item(),
-            "train/reward_margin": margins.mean().item(),
-            "train/reward_accuracy": (margins > 0).float().mean().item(),
+            "train/loss": loss,
+            "train/reward_margin": margin,
+            "train/reward_accuracy": accuracy,
             "epoch": epoch,
             **(extra or {}),
             "time/step_s": time.perf_counter() - t0,

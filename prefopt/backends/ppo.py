@@ -34,6 +34,7 @@ from prefopt.backends._common import (
     check_reward_source,
     dist_state,
     encode_training_prompts,
+    reduce_grads,
     minibatches,
     no_op,
     set_iteration_lr,
@@ -241,17 +242,6 @@ class _Watch:
 # --------------------------------------------------------------------------------------- several processes (DDP)
 # Under `accelerate launch` every rank samples its own rollouts; whitening uses statistics over all ranks, and
 # gradients are averaged across ranks before every optimiser step (what DDP does), so the ranks stay identical.
-def _average_grads(params: list[torch.nn.Parameter], dist: PartialState) -> None:
-    if dist.num_processes == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = all_reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")  # one all-reduce, not hundreds
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
-        offset += g.numel()
-
-
 def _mean_over_ranks(metrics: dict, dist: PartialState) -> dict:
     if dist.num_processes == 1:
         return metrics
@@ -476,7 +466,7 @@ def train(
                         for k, v in (("loss", loss), ("pg", pg_loss), ("vf", vf_loss), ("clipfrac", clipfrac),
                                      ("approx_kl", approx_kl), ("vf_clipfrac", vf_clipfrac)):
                             stats[k].append(v.item())
-                    _average_grads(params, dist)
+                    reduce_grads(params, dist, "mean")
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                     opt.step()
 

@@ -27,11 +27,13 @@ from prefopt.backends._common import (
     MICRO_BATCH_TOKENS,
     MICRO_BATCH_TOKENS_HELP,
     accumulated_step,
+    dist_state,
     micro_batches,
     no_op,
     set_iteration_lr,
+    sum_across,
 )
-from prefopt.backends.losses import apply_eos_penalty, kl_per_token, masked_mean, rloo_advantages
+from prefopt.backends.losses import apply_eos_penalty, kl_per_token, rloo_advantages
 from prefopt.models.ops import gather_logprobs, hidden_states, logprob_stats, make_batch, response_logits, sample
 from prefopt.models.shared import SharedBase
 
@@ -88,19 +90,22 @@ def train(
     params = shared.adapter_parameters(role)
     opt = adamw(params, cfg.learning_rate)
     rng = random.Random(seed)
+    dist = dist_state()  # under `accelerate launch`: each rank samples its own batch_size prompts, grads averaged
+    world, rank = dist.num_processes, dist.process_index
     order: list[int] = []
     for step in range(1, cfg.steps + 1):
         t0 = time.perf_counter()
         lr = set_iteration_lr(opt, cfg.learning_rate, cfg.lr_schedule, step, cfg.steps)
-        while len(order) < cfg.batch_size:  # reshuffled every pass over the prompts
+        while len(order) < cfg.batch_size * world:  # reshuffled every pass over the prompts
             more = list(range(len(prompt_ids)))
             rng.shuffle(more)
             order += more
-        mine, order = order[: cfg.batch_size], order[cfg.batch_size :]
+        mine = order[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
+        order = order[cfg.batch_size * world :]
         prompts = [prompt_ids[i] for i in mine for _ in range(cfg.k)]  # prompt i's samples are rows i*k .. i*k+k-1
         with shared.role(role) as lm:
             responses = sample(lm, tok, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                               seed=seed * 100_003 + step, batch_size=len(prompts))
+                               seed=seed * 100_003 + step + 1_000_003 * rank, batch_size=len(prompts))
         batch = make_batch(prompts, responses, tok.pad_token_id, device)
         mask = batch.response_mask
         ended = torch.tensor([len(r) > 0 and r[-1] == tok.eos_token_id for r in responses], device=device)
@@ -128,16 +133,13 @@ def train(
         with shared.role(role) as lm:
             groups = micro_batches(range(len(mine)), lambda g: (len(prompts[g * k]), max(len(responses[g * k + j]) for j in range(k))),
                                    cfg.micro_batch_tokens, rows_per_item=k)
-            accumulated_step(groups, loss_of, params, opt, cfg.max_grad_norm)
-        loss = torch.stack(shares).sum()
+            accumulated_step(groups, loss_of, params, opt, cfg.max_grad_norm, dist=dist, reduction="mean")
+        stats = torch.stack([torch.stack(shares).sum(), raw.mean(), returns.mean(), seq_kl.mean(),
+                             batch.response_lengths.float().mean(), ended.float().mean(), advantages.abs().mean()])
+        stats = (sum_across(stats.double(), dist) / world).tolist()  # means over every rank's rollouts
         on_step(step, {
-            "train/loss": loss.item(),
-            "train/score": raw.mean().item(),
-            "train/reward": returns.mean().item(),
-            "train/kl": seq_kl.mean().item(),
-            "train/length": batch.response_lengths.float().mean().item(),
-            "train/eos_rate": ended.float().mean().item(),
+            **dict(zip(("train/loss", "train/score", "train/reward", "train/kl", "train/length", "train/eos_rate",
+                        "train/advantage_abs"), stats)),
             "train/lr": lr,
-            "train/advantage_abs": masked_mean(advantages.abs(), torch.ones_like(advantages)).item(),
             "time/step_s": time.perf_counter() - t0,
         })

@@ -22,10 +22,13 @@ from prefopt.backends._common import (
     accumulated_step,
     adamw,
     check_config,
+    dist_state,
     encode_pairs,
     micro_batches,
     minibatches,
     no_op,
+    pair_stats,
+    shard,
 )
 from prefopt.backends.losses import bradley_terry_loss
 from prefopt.data.records import PreferencePair, Prompt
@@ -142,6 +145,7 @@ def train(
     params = shared.adapter_parameters(role)
     opt = adamw(params, cfg.learning_rate)
     rng = random.Random(seed)
+    dist = dist_state()  # under `accelerate launch`: each rank takes a shard of every minibatch
     step = 0
     with shared.role(role) as lm:
         for epoch in range(cfg.epochs):
@@ -163,15 +167,15 @@ def train(
                     seen.append(torch.stack([losses.detach(), (chosen - rejected).detach()]))
                     return losses.sum() / len(idx)
 
-                groups = micro_batches(idx, lambda i: (len(data.prompt_ids[i]), max(len(data.chosen_ids[i]), len(data.rejected_ids[i]))),
+                groups = micro_batches(shard(idx, dist), lambda i: (len(data.prompt_ids[i]), max(len(data.chosen_ids[i]), len(data.rejected_ids[i]))),
                                        cfg.micro_batch_tokens, rows_per_item=2)
-                accumulated_step(groups, loss_of, params, opt, cfg.max_grad_norm)
-                losses, diffs = torch.cat(seen, dim=1)
+                accumulated_step(groups, loss_of, params, opt, cfg.max_grad_norm, dist=dist)
+                loss, accuracy, margin = pair_stats(seen, len(idx), dist)
                 step += 1
                 on_step(step, {
-                    "train/loss": losses.mean().item(),
-                    "train/reward_accuracy": (diffs > 0).float().mean().item(),
-                    "train/reward_margin": diffs.mean().item(),
+                    "train/loss": loss,
+                    "train/reward_accuracy": accuracy,
+                    "train/reward_margin": margin,
                     "epoch": epoch,
                     "time/step_s": time.perf_counter() - t0,
                 })

@@ -25,10 +25,13 @@ from prefopt.backends._common import (
     accumulated_step,
     adamw,
     check_config,
+    dist_state,
     lr_scheduler,
     micro_batches,
     minibatches,
     no_op,
+    shard,
+    sum_across,
 )
 from prefopt.backends.losses import masked_mean
 from prefopt.models.ops import encode_prompts, encode_responses, make_batch, response_logprobs
@@ -91,6 +94,7 @@ def train(
     opt = adamw(params, cfg.learning_rate)
     sched = lr_scheduler(opt, cfg.lr_schedule, total_steps(cfg, data))
     rng = random.Random(seed)
+    dist = dist_state()  # under `accelerate launch`: each rank takes a shard of every minibatch
     step = 0
     with shared.role(role) as lm:
         for _ in range(cfg.epochs):
@@ -107,9 +111,9 @@ def train(
                     nll.append(share.detach())
                     return share
 
-                groups = micro_batches(idx, lambda i: (len(prompt_ids[i]), len(response_ids[i])), cfg.micro_batch_tokens)
-                accumulated_step(groups, loss_of, params, opt, cfg.max_grad_norm, sched)
-                loss = torch.stack(nll).sum()
+                groups = micro_batches(shard(idx, dist), lambda i: (len(prompt_ids[i]), len(response_ids[i])), cfg.micro_batch_tokens)
+                accumulated_step(groups, loss_of, params, opt, cfg.max_grad_norm, sched, dist=dist)
+                loss = sum_across(torch.stack(nll).sum() if nll else torch.zeros(()), dist)
                 step += 1
                 on_step(step, {
                     "train/loss": loss.item(),
