@@ -89,8 +89,14 @@ def response_logits(lm, hidden: torch.Tensor, batch: SeqBatch, temperature: floa
 
     Only R positions go through the LM head (the biggest matmul in a 135M model with a 49k vocab).
     """
-    logits = lm.get_output_embeddings()(response_hidden(hidden, batch)).float()
-    return logits / temperature
+    return _head(lm.get_output_embeddings(), response_hidden(hidden, batch)).float() / temperature
+
+
+def _head(head: torch.nn.Module, states: torch.Tensor) -> torch.Tensor:
+    """The LM head on (B, R, H) states as one 2-D matmul: (B, R, V). A strided 3-D input goes through a batched
+    matmul that measured twice as slow here (SmolLM2-135M, 512 x 576 x 49152)."""
+    B, R, H = states.shape
+    return head(states.reshape(B * R, H)).view(B, R, -1)
 
 
 def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -114,7 +120,7 @@ def logprob_stats(lm, hidden: torch.Tensor, batch: SeqBatch, temperature: float 
     rows = max(1, LOGIT_POSITIONS // max(tokens.shape[1], 1))
     logps, ents, fulls = [], [], []
     for i in range(0, tokens.shape[0], rows):
-        logits = head(states[i : i + rows]).float() / temperature
+        logits = _head(head, states[i : i + rows]).float() / temperature
         logps.append(gather_logprobs(logits, tokens[i : i + rows]))
         if entropy or full:
             logp = torch.log_softmax(logits, dim=-1)
