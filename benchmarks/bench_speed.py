@@ -2,12 +2,12 @@
 `prefopt bench` process (peak RSS is that process's, read from the kernel's rusage of the child), one after the
 other on the same machine, so their ratio is measured under the same conditions.
 
-Default comparison: the current default preset against the `full` preset (the default workload before the speed
-work: 32-token responses, 2 reward-model epochs, 4 PPO epochs). Writes the stage timings, the peak RSS, the
-comparison tables of both runs and the ratios to --out. Usage:
+Give the presets to compare (the first is "after"), and --set overrides applied to every run. Writes the stage
+timings, the peak RSS, the comparison tables of every run and the wall-time ratio of the first two to --out.
+Usage:
 
-    python benchmarks/bench_speed.py --out results/bench_speed.json                  # default vs full (~25 min)
-    python benchmarks/bench_speed.py --presets smoke --out /tmp/b.json              # quick check
+    python benchmarks/bench_speed.py --presets default --out results/bench_speed.json     # one default run (~26 min)
+    python benchmarks/bench_speed.py --presets smoke,smoke --out /tmp/b.json              # quick check
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def run_one(preset: str, sets: list[str], work: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--presets", default="default,full", help="Presets to run, in order (the first is 'after').")
+    ap.add_argument("--presets", default="default", help="Presets to run, in order (the first is 'after').")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="An override for every run.")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()

@@ -406,3 +406,14 @@ def test_same_command_and_seed_give_identical_metrics(tmp_path):
                        for x in (o / "metrics.jsonl").read_text().splitlines()]
     assert strip(outs[0]) == strip(outs[1])
     assert (outs[0] / "samples.jsonl").read_bytes() == (outs[1] / "samples.jsonl").read_bytes()
+
+
+def test_python_dash_m_prefopt_runs_the_cli():
+    """`python -m prefopt` (what `accelerate launch -m prefopt` starts) is the same CLI."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "prefopt", "config", "--preset", "smoke", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout)["model"] == "tiny"
