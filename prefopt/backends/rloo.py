@@ -107,7 +107,6 @@ def train(
             responses = sample(lm, tok, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                seed=seed * 100_003 + step + 1_000_003 * rank, batch_size=len(prompts))
         batch = make_batch(prompts, responses, tok.pad_token_id, device)
-        mask = batch.response_mask
         ended = torch.tensor([len(r) > 0 and r[-1] == tok.eos_token_id for r in responses], device=device)
         raw = data.score_fn(prompts, responses).to(device).float()
         scores = apply_eos_penalty(raw, ended, cfg.missing_eos_penalty)
