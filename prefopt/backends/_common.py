@@ -125,6 +125,14 @@ def micro_batches(idx: Sequence[int], lengths: Callable[[int], tuple[int, int]],
     return groups
 
 
+def pair_micro_batches(enc: "EncodedPairs", idx: Sequence[int], max_tokens: int | None,
+                       dist: PartialState | None) -> list[list[int]]:
+    """This rank's shard of a minibatch of pairs in micro-batches of at most ``max_tokens`` padded tokens, chosen
+    and rejected of a pair in the same one (their loss couples them)."""
+    return micro_batches(shard(idx, dist), lambda i: (len(enc.prompt_ids[i]), max(len(enc.chosen_ids[i]), len(enc.rejected_ids[i]))),
+                         max_tokens, rows_per_item=2)
+
+
 def accumulated_step(groups: Sequence[Sequence[int]], loss_of: Callable[[Sequence[int]], torch.Tensor],
                      params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, max_grad_norm: float,
                      sched=None, dist: PartialState | None = None, reduction: str = "sum") -> None:
@@ -188,17 +196,6 @@ def sum_across(t: torch.Tensor, dist: PartialState | None) -> torch.Tensor:
 
 def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-
-def optimizer_step(loss: torch.Tensor, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer,
-                   max_grad_norm: float, sched=None) -> None:
-    """Backward, clip the gradient norm, step (and the scheduler): one optimisation step of a backend."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    opt.step()
-    if sched is not None:
-        sched.step()
 
 
 LR_SCHEDULES = ("constant", "linear")

@@ -26,9 +26,9 @@ from prefopt.backends._common import (
     dist_state,
     encode_pairs,
     lr_scheduler,
-    micro_batches,
     minibatches,
     no_op,
+    pair_micro_batches,
     pair_stats,
     shard,
     sum_across,
@@ -145,8 +145,7 @@ def _epoch(lm, cfg: DPOConfig, enc, ref, params, opt, sched, rng, on_step, step:
             seen.append(torch.stack([losses.detach(), (r_chosen - r_rejected).detach()]))
             return losses.sum() / len(idx)
 
-        groups = micro_batches(shard(idx, dist), lambda i: (len(enc.prompt_ids[i]), max(len(enc.chosen_ids[i]), len(enc.rejected_ids[i]))),
-                               cfg.micro_batch_tokens, rows_per_item=2)
+        groups = pair_micro_batches(enc, idx, cfg.micro_batch_tokens, dist)
         accumulated_step(groups, loss_of, params, opt, cfg.max_grad_norm, sched, dist=dist)
         loss, accuracy, margin = pair_stats(seen, len(idx), dist)
         step += 1

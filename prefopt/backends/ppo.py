@@ -29,12 +29,12 @@ from prefopt.backends._common import (
     LR_SCHEDULES,
     StepCallback,
     TrainData,
+    accumulated_step,
     adamw,
     check_config,
     check_reward_source,
     dist_state,
     encode_training_prompts,
-    reduce_grads,
     minibatches,
     no_op,
     set_iteration_lr,
@@ -442,9 +442,8 @@ def train(
             for _ in range(cfg.ppo_epochs):
                 for idx in minibatches(len(batch_prompts), cfg.mini_batch_size, rng):
                     n_tokens = mask[idx].sum()
-                    opt.zero_grad(set_to_none=True)
-                    for j in range(0, len(idx), micro):
-                        sub = idx[j : j + micro]
+
+                    def loss_of(sub):
                         mb = make_batch([batch_prompts[i] for i in sub], [responses[i] for i in sub], tok.pad_token_id, device)
                         R = mb.response_ids.shape[1]  # a micro-batch may be narrower than the rollout batch
                         logits, values = roles.forward(lm, mb, cfg.temperature)
@@ -460,15 +459,15 @@ def train(
                             # whitening divided the policy-gradient term by std(A); the KL term gets the same
                             # factor, else the effective coefficient becomes beta * std(A) and the optimum moves
                             loss = loss + beta * adv_scale * masked_mean(kl_exact, m)
-                        # each micro-batch's token means weighted by its share of the minibatch's tokens: the
-                        # accumulated gradient is exactly the one of the minibatch in one pass
-                        (loss * m.sum() / n_tokens).backward()
                         for k, v in (("loss", loss), ("pg", pg_loss), ("vf", vf_loss), ("clipfrac", clipfrac),
                                      ("approx_kl", approx_kl), ("vf_clipfrac", vf_clipfrac)):
                             stats[k].append(v.item())
-                    reduce_grads(params, dist, "mean")
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                    opt.step()
+                        # each micro-batch's token means weighted by its share of the minibatch's tokens: the
+                        # accumulated gradient is exactly the one of the minibatch in one pass
+                        return loss * m.sum() / n_tokens
+
+                    groups = [idx[j : j + micro] for j in range(0, len(idx), micro)]
+                    accumulated_step(groups, loss_of, params, opt, cfg.max_grad_norm, dist=dist, reduction="mean")
 
         # 6. KL controller, diagnostics (names from DESIGN.md), warnings, checkpoint
         seq_kl = kl.sum(-1).mean()

@@ -24,11 +24,10 @@ from prefopt.backends._common import (
     check_config,
     dist_state,
     encode_pairs,
-    micro_batches,
     minibatches,
     no_op,
+    pair_micro_batches,
     pair_stats,
-    shard,
 )
 from prefopt.backends.losses import bradley_terry_loss
 from prefopt.data.records import PreferencePair, Prompt
@@ -167,8 +166,7 @@ def train(
                     seen.append(torch.stack([losses.detach(), (chosen - rejected).detach()]))
                     return losses.sum() / len(idx)
 
-                groups = micro_batches(shard(idx, dist), lambda i: (len(data.prompt_ids[i]), max(len(data.chosen_ids[i]), len(data.rejected_ids[i]))),
-                                       cfg.micro_batch_tokens, rows_per_item=2)
+                groups = pair_micro_batches(data, idx, cfg.micro_batch_tokens, dist)
                 accumulated_step(groups, loss_of, params, opt, cfg.max_grad_norm, dist=dist)
                 loss, accuracy, margin = pair_stats(seen, len(idx), dist)
                 step += 1
