@@ -14,7 +14,7 @@ sys.path.insert(0, sys.argv[1])
 import prefopt; print(prefopt.__file__)
 from prefopt.models.base import load_base
 from prefopt.models.shared import LoraSettings, SharedBase
-from prefopt.models.ops import encode_prompts, make_batch, response_logprobs, sample
+from prefopt.models.ops import encode_prompts, make_batch, response_logprobs
 from prefopt.data.tasks import sentiment_prompts
 torch.set_num_threads(1)
 lm, tok = load_base("smollm2-135m-instruct", device=torch.device("cpu"), seed=0)

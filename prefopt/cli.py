@@ -4,7 +4,8 @@ Every command takes its config the same way: ``--preset`` (a named start), ``--c
 then ``--set section.field=value`` overrides (repeatable), validated once before any compute; ``prefopt config``
 prints every field with its help text. User errors (any :class:`~prefopt.errors.PrefoptError`: bad input file,
 config, model, judge, output folder) print one line and exit 1; usage errors exit 2 (typer's own); Ctrl-C exits
-130. Nothing is written for a run that fails.
+130. Nothing is written for a run that fails; a run killed or interrupted mid-way keeps only its progress
+(``<out>.resume``), which the same command continues.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ def _user_errors():
         yield
     except PrefoptError as e:
         _fail(" ".join(str(e).split()))
-    except KeyboardInterrupt:
-        _fail("interrupted: nothing was written", 130)
+    except KeyboardInterrupt as e:
+        kept = getattr(e, "kept", None)  # a run's progress: the same command continues it
+        _fail(f"interrupted: the same command continues from {kept}" if kept else "interrupted: nothing was written", 130)
 
 
 def _command_line() -> str:
@@ -73,6 +75,9 @@ def _load(preset: str, config: Optional[Path], sets: Optional[List[str]]):
 
 def _print_result(result) -> None:
     from prefopt.reports import console_table
+
+    if result.out_dir is None:  # a rank > 0 of `accelerate launch -m prefopt ...`: rank 0 reports
+        return
 
     if result.summary:
         out.print(console_table(result.summary))

@@ -24,3 +24,11 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     detail = " ".join(str(exc).split())
     text = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run whose progress was kept: ``kept`` is the folder the same command continues from."""
+
+    def __init__(self, kept):
+        super().__init__(str(kept))
+        self.kept = kept

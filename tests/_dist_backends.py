@@ -39,6 +39,9 @@ RUNS = {
                                            TrainData(pairs=pairs), on_step=cb)),
     "sft": ("sft", lambda s, cb: sft.train(s, sft.SFTConfig(batch_size=6, epochs=2, learning_rate=1e-2),
                                            TrainData(demos=demos), on_step=cb)),
+    "online-dpo": ("dpo", lambda s, cb: dpo.train(s, dpo.DPOConfig(reward="gold", online_rounds=2, online_prompts=6, batch_size=2,
+                                                                   max_response_tokens=5, learning_rate=1e-2),
+                                                  TrainData(prompts=[p.prompt for p in pairs], score_fn=score_fn), on_step=cb)),
     "rloo": ("rloo", lambda s, cb: rloo.train(s, rloo.RLOOConfig(steps=2, batch_size=2, k=2, max_new_tokens=5, learning_rate=1e-2),
                                               TrainData(prompts=[p.prompt for p in pairs], score_fn=score_fn), on_step=cb)),
 }

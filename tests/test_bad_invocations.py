@@ -61,7 +61,8 @@ CASES = [
     (["bench", "--preset", "smoke", "--out", "{d}/a_file"], "{d}/a_file: exists and is not a folder", 1),
     (["bench", "--preset", "smoke", "--out", "{d}/mine", "--overwrite"], "{d}/mine: exists and is not a prefopt run folder", 1),
     (["bench", "--preset", "smoke", *M, "--set", "ppo.reward=py:judges:nan"], "returned a non-finite or non-numeric score", 1),
-    (["bench", "--preset", "smoke", *M, "--set", "ppo.reward=py:judges:interrupt"], "interrupted: nothing was written", 130),
+    (["bench", "--preset", "smoke", *M, "--set", "ppo.reward=py:judges:interrupt"],
+     "interrupted: the same command continues from {t}/out.resume", 130),
     (["train", "--preset", "smoke", "--set", "policies=nope"], "'nope' is neither a policy of this config", 1),
     (["train", "--preset", "smoke", "--set", "policies.rm.backend=dpo"], "policy name 'rm'", 1),
     (["eval", "{d}/nowhere"], "{d}/nowhere: not a prefopt run folder", 1),
@@ -113,6 +114,7 @@ def test_bad_invocation_is_one_line_and_writes_nothing(args, says, code, tmp_pat
     monkeypatch.chdir(tmp_path)  # a default --out would land here
     before = _tree(tmp_path)
     argv = [a.replace("{d}", str(d)) for a in args]
+    says = says.replace("{t}", str(tmp_path))
     if argv[0] in ("bench", "train") and "--out" not in argv:
         argv += ["--out", str(tmp_path / "out")]
     res = runner.invoke(app, argv, env={"COLUMNS": "400"})
@@ -125,4 +127,9 @@ def test_bad_invocation_is_one_line_and_writes_nothing(args, says, code, tmp_pat
         errors = [line for line in lines if line.startswith("error:")]
         assert errors == [lines[-1]], res.output
         assert says.replace("{d}", str(d)) in lines[-1], lines[-1]
-    assert _tree(tmp_path) == before  # no partial output anywhere, no staging folder left
+    after = _tree(tmp_path)
+    if code == 130 and "continues from" in says:  # Ctrl-C mid-run: only the progress the same command continues
+        kept = [p for p in after if p not in before]
+        assert kept and all(p.startswith("out.resume") for p in kept), kept
+        after = [p for p in after if not p.startswith("out.resume")]
+    assert after == before  # no partial output anywhere, no staging folder left

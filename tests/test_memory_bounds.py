@@ -133,9 +133,12 @@ def test_ppo_grad_accumulation_equals_one_pass(tiny, monkeypatch):
     the micro-batches hold different numbers of response tokens."""
     prompts = [[5 + i, 9, 11 + i] for i in range(8)]
 
-    def run(accum):
+    def run(accum, micro=None):
         cfg = ppo.PPOConfig(steps=1, batch_size=4, mini_batch_size=4, grad_accum=accum, ppo_epochs=1, max_new_tokens=6,
-                            learning_rate=1e-2, seed=0)
+                            learning_rate=1e-2, seed=0, micro_batch_tokens=micro)
         return _first_gradient(tiny, lambda s: ppo.train(s, cfg, TrainData(prompts=prompts, score_fn=_score)), monkeypatch)
 
-    _assert_same(run(1), run(4))
+    one_pass = run(1)
+    _assert_same(one_pass, run(4))
+    _assert_same(one_pass, run(1, micro=1))  # token-budgeted: one rollout per micro-batch
+    _assert_same(one_pass, run(2, micro=12))

@@ -101,6 +101,7 @@ def test_sweep_killed_mid_cell_redoes_only_what_is_missing(tmp_path):
     assert sorted(complete) == sorted(after)  # every cell exactly once
     assert any(t.state.name == "FAIL" for t in trials)  # the killed one, failed by heartbeat and re-queued
     assert not list((out / "cells").glob("*.tmp-*"))  # the killed cell's half-written folder is gone
+    assert not list((out / "cells").glob("*.resume"))  # its progress was continued, then removed
 
 
 def _env():

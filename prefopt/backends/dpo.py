@@ -33,6 +33,7 @@ from prefopt.backends._common import (
     shard,
     sum_across,
 )
+from prefopt.backends.checkpoint import StepCheckpoint
 from prefopt.backends.losses import DPO_LOSS_TYPES, REFERENCE_FREE, dpo_loss
 from prefopt.models.ops import make_batch, response_logprobs
 from prefopt.models.shared import SharedBase
@@ -123,13 +124,14 @@ def _reference_logps(shared: SharedBase, cfg: DPOConfig, enc, device) -> tuple[t
     return ref_chosen, ref_rejected
 
 
-def _epoch(lm, cfg: DPOConfig, enc, ref, params, opt, sched, rng, on_step, step: int, epoch: int, device, pad_id,
-           extra: dict | None = None) -> int:
-    """One pass of minibatch steps over encoded pairs; returns the last step number. Under ``accelerate launch``
-    each rank takes a shard of every minibatch and the gradients are summed: the one-process step on every rank."""
+def _steps(lm, cfg: DPOConfig, enc, ref, params, opt, sched, batches, on_step, step: int, epoch_of, device, pad_id,
+           extra: dict | None = None, after=None) -> int:
+    """Minibatch steps over encoded pairs, one per index batch in ``batches`` (``epoch_of(j)``: the epoch of the
+    j-th); returns the last step number, ``after(step)`` runs after each. Under ``accelerate launch`` each rank takes
+    a shard of every minibatch and the gradients are summed: the one-process step on every rank."""
     ref_chosen, ref_rejected = ref
     dist = dist_state()
-    for idx in minibatches(len(enc), cfg.batch_size, rng):
+    for j, idx in batches:
         t0 = time.perf_counter()
         seen: list[torch.Tensor] = []  # per micro-batch: (loss, implicit reward margin) per pair
 
@@ -153,18 +155,22 @@ def _epoch(lm, cfg: DPOConfig, enc, ref, params, opt, sched, rng, on_step, step:
             "train/loss": loss,
             "train/reward_margin": margin,
             "train/reward_accuracy": accuracy,
-            "epoch": epoch,
+            "epoch": epoch_of(j),
             **(extra or {}),
             "time/step_s": time.perf_counter() - t0,
         })
+        if after is not None:
+            after(step, j)
     return step
 
 
 def train(
-    shared: SharedBase, cfg: DPOConfig, data: TrainData, *, role: str = "dpo", on_step: StepCallback = no_op
+    shared: SharedBase, cfg: DPOConfig, data: TrainData, *, role: str = "dpo", on_step: StepCallback = no_op,
+    checkpoint: StepCheckpoint | None = None,
 ) -> None:
     """Train adapter ``role`` with the configured DPO-family loss: on ``data.pairs`` (offline), or with
-    ``cfg.reward`` set, on pairs sampled from the current policy every round and labelled by ``data.score_fn``."""
+    ``cfg.reward`` set, on pairs sampled from the current policy every round and labelled by ``data.score_fn``.
+    ``checkpoint`` saves the state after every step and continues from the newest one found."""
     seed = 0 if cfg.seed is None else cfg.seed
     if role not in shared.roles:
         shared.add_role(role, seed=seed)
@@ -173,21 +179,38 @@ def train(
     opt = adamw(params, cfg.learning_rate)
     sched = lr_scheduler(opt, cfg.lr_schedule, total_steps(cfg, data))
     rng = random.Random(seed)
-    if cfg.reward is None:
-        enc = encode_pairs(data.pairs, tok, cfg.max_prompt_tokens, cfg.max_response_tokens)
-        ref = _reference_logps(shared, cfg, enc, device)
-        step = 0
-        with shared.role(role) as lm:
-            for epoch in range(cfg.epochs):
-                step = _epoch(lm, cfg, enc, ref, params, opt, sched, rng, on_step, step, epoch, device, tok.pad_token_id)
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        shared.load_adapter_state(role, saved.weights)
+        saved.restore(opt, sched, {"rng": rng} if cfg.reward is not None else None)
+    if cfg.reward is not None:
+        _train_online(shared, cfg, data, role, params, opt, sched, rng, seed, on_step, checkpoint, saved)
         return
-    _train_online(shared, cfg, data, role, params, opt, sched, rng, seed, on_step)
+    enc = encode_pairs(data.pairs, tok, cfg.max_prompt_tokens, cfg.max_response_tokens)
+    per_epoch = -(-len(enc) // cfg.batch_size)
+    # the schedule is a function of the seed: a resumed run skips the steps already taken
+    schedule = [idx for _ in range(cfg.epochs) for idx in minibatches(len(enc), cfg.batch_size, rng)]
+    if saved is not None:  # the reference log-probs come with the checkpoint, not from another pass
+        ref, step = (saved.tensors["ref_chosen"], saved.tensors["ref_rejected"]), saved.step
+    else:
+        ref, step = _reference_logps(shared, cfg, enc, device), 0
+
+    def save(step: int, j: int) -> None:
+        if checkpoint is not None and checkpoint.due(step, len(schedule)):
+            checkpoint.save(step, weights=shared.adapter_state(role), opt=opt, sched=sched,
+                            tensors={"ref_chosen": ref[0], "ref_rejected": ref[1]})
+
+    with shared.role(role) as lm:
+        _steps(lm, cfg, enc, ref, params, opt, sched, list(enumerate(schedule))[step:], on_step, step,
+               lambda j: j // per_epoch, device, tok.pad_token_id, after=save)
 
 
-def _train_online(shared, cfg: DPOConfig, data: TrainData, role: str, params, opt, sched, rng, seed, on_step) -> None:
+def _train_online(shared, cfg: DPOConfig, data: TrainData, role: str, params, opt, sched, rng, seed, on_step,
+                  checkpoint: StepCheckpoint | None = None, saved=None) -> None:
     """Online (iterative) DPO: each round samples two responses per prompt from the current policy, labels them
     with the reward source through a Bradley–Terry annotator at ``online_label_temperature``, and takes one pass
-    of DPO steps on them; the reference stays pi_ref."""
+    of DPO steps on them; the reference stays pi_ref. A checkpoint holds the round's pairs, its minibatches and
+    reference log-probs, so a resumed round continues on the same pairs."""
     from prefopt.backends._common import EncodedPairs, encode_training_prompts
     from prefopt.models.ops import sample
 
@@ -195,26 +218,51 @@ def _train_online(shared, cfg: DPOConfig, data: TrainData, role: str, params, op
         raise ValueError("online DPO needs a reward source to label its pairs: TrainData.score_fn is None")
     tok, device = shared.tokenizer, shared.device
     prompt_ids = encode_training_prompts(data.prompts, tok, cfg.max_prompt_tokens)
+    total = total_steps(cfg, data)
     order: list[int] = []
-    step = 0
-    for rnd in range(cfg.online_rounds):
-        while len(order) < cfg.online_prompts:
-            more = list(range(len(prompt_ids)))
-            rng.shuffle(more)
-            order += more
-        mine, order = order[: cfg.online_prompts], order[cfg.online_prompts :]
-        prompts = [prompt_ids[i] for i in mine for _ in range(2)]
-        with torch.no_grad(), shared.role(role) as lm:
-            responses = sample(lm, tok, prompts, max_new_tokens=cfg.max_response_tokens, temperature=1.0,
-                               seed=seed * 100_003 + rnd, batch_size=len(prompts))
-        scores = data.score_fn(prompts, responses).float().cpu()
-        a, b = scores[0::2], scores[1::2]
-        gen = torch.Generator().manual_seed(seed * 7919 + rnd)
-        a_wins = torch.rand(len(a), generator=gen) < torch.sigmoid((a - b) / cfg.online_label_temperature)
-        chosen = [responses[2 * i] if w else responses[2 * i + 1] for i, w in enumerate(a_wins.tolist())]
-        rejected = [responses[2 * i + 1] if w else responses[2 * i] for i, w in enumerate(a_wins.tolist())]
-        enc = EncodedPairs([prompt_ids[i] for i in mine], chosen, rejected, [None] * len(mine))
-        ref = _reference_logps(shared, cfg, enc, device)
+    step, first, resumed = 0, 0, None
+    if saved is not None:
+        st = saved.state
+        order, step, first = st["order"], saved.step, st["round"]
+        if st["done"] < len(st["batches"]):
+            resumed = st  # continue this round on its own pairs
+        else:
+            first += 1
+    for rnd in range(first, cfg.online_rounds):
+        if resumed is not None:
+            mine, chosen, rejected, batches, score = (resumed[k] for k in ("mine", "chosen", "rejected", "batches", "score"))
+            ref, done = (saved.tensors["ref_chosen"], saved.tensors["ref_rejected"]), resumed["done"]
+            enc = EncodedPairs([prompt_ids[i] for i in mine], chosen, rejected, [None] * len(mine))
+            resumed = None
+        else:
+            while len(order) < cfg.online_prompts:
+                more = list(range(len(prompt_ids)))
+                rng.shuffle(more)
+                order += more
+            mine, order = order[: cfg.online_prompts], order[cfg.online_prompts :]
+            prompts = [prompt_ids[i] for i in mine for _ in range(2)]
+            with torch.no_grad(), shared.role(role) as lm:  # batches of 2 x batch_size rows, shared by the ranks
+                responses = sample(lm, tok, prompts, max_new_tokens=cfg.max_response_tokens, temperature=1.0,
+                                   seed=seed * 100_003 + rnd * 1_009, batch_size=2 * cfg.batch_size, dist=dist_state())
+            scores = data.score_fn(prompts, responses).float().cpu()
+            a, b = scores[0::2], scores[1::2]
+            gen = torch.Generator().manual_seed(seed * 7919 + rnd)
+            a_wins = torch.rand(len(a), generator=gen) < torch.sigmoid((a - b) / cfg.online_label_temperature)
+            chosen = [responses[2 * i] if w else responses[2 * i + 1] for i, w in enumerate(a_wins.tolist())]
+            rejected = [responses[2 * i + 1] if w else responses[2 * i] for i, w in enumerate(a_wins.tolist())]
+            enc = EncodedPairs([prompt_ids[i] for i in mine], chosen, rejected, [None] * len(mine))
+            ref, done, score = _reference_logps(shared, cfg, enc, device), 0, scores.mean().item()
+            batches = minibatches(len(enc), cfg.batch_size, rng)
+
+        def save(step: int, j: int, rnd=rnd, mine=mine, chosen=chosen, rejected=rejected, batches=batches,
+                 score=score, ref=ref) -> None:
+            if checkpoint is not None and checkpoint.due(step, total):
+                checkpoint.save(step, weights=shared.adapter_state(role), opt=opt, sched=sched, rngs={"rng": rng},
+                                tensors={"ref_chosen": ref[0], "ref_rejected": ref[1]},
+                                state={"round": rnd, "order": order, "mine": mine, "chosen": chosen,
+                                       "rejected": rejected, "batches": batches, "score": score, "done": j + 1})
+
         with shared.role(role) as lm:
-            step = _epoch(lm, cfg, enc, ref, params, opt, sched, rng, on_step, step, rnd, device, tok.pad_token_id,
-                          extra={"train/score": scores.mean().item(), "round": rnd})
+            step = _steps(lm, cfg, enc, ref, params, opt, sched, list(enumerate(batches))[done:], on_step, step,
+                          lambda j, rnd=rnd: rnd, device, tok.pad_token_id,
+                          extra={"train/score": score, "round": rnd}, after=save)

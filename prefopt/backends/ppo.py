@@ -12,14 +12,10 @@ log-probs and values.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import random
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 from accelerate import PartialState
@@ -27,6 +23,8 @@ from accelerate.utils import reduce as all_reduce
 
 from prefopt.backends._common import (
     LR_SCHEDULES,
+    MICRO_BATCH_TOKENS,
+    MICRO_BATCH_TOKENS_HELP,
     StepCallback,
     TrainData,
     accumulated_step,
@@ -35,10 +33,12 @@ from prefopt.backends._common import (
     check_reward_source,
     dist_state,
     encode_training_prompts,
+    micro_batches,
     minibatches,
     no_op,
     set_iteration_lr,
 )
+from prefopt.backends.checkpoint import StepCheckpoint
 from prefopt.backends.losses import (
     KL_ESTIMATORS,
     KLController,
@@ -77,7 +77,6 @@ REFUSED_ESTIMATORS = {
          "optimum away from pi_ref*exp(r/beta): Tang & Munos 2025); use k1, or kl_in='loss' for the exact KL"
     for est in ("k2", "k3")
 }
-CHECKPOINT_FILE = "latest.json"  # points at the newest step-N/ slot (tensors.safetensors + state.json)
 
 
 @dataclass
@@ -86,6 +85,7 @@ class PPOConfig:
     batch_size: int = field(default=32, metadata={"help": "Rollouts (prompts) per iteration.", "positive": True})
     mini_batch_size: int = field(default=16, metadata={"help": "Rollouts per optimiser step in the update.", "positive": True})
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches per minibatch (memory: mini_batch_size / grad_accum rows per forward).", "positive": True})
+    micro_batch_tokens: int | None = field(default=MICRO_BATCH_TOKENS, metadata={"help": MICRO_BATCH_TOKENS_HELP})
     ppo_epochs: int = field(default=4, metadata={"help": "Passes over each iteration's rollouts.", "positive": True})
     learning_rate: float = field(default=5e-4, metadata={"help": "AdamW learning rate (adapter + value head); the same LoRA rate as DPO.", "positive": True})
     lr_schedule: str = field(default="constant", metadata={"help": "'constant', or 'linear': the rate of iteration i is "
@@ -205,10 +205,10 @@ class _Roles:
         return state
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
-        _load_role(self.shared, self.role, {k: v for k, v in state.items() if not k.startswith("value::")})
+        self.shared.load_adapter_state(self.role, {k: v for k, v in state.items() if not k.startswith("value::")})
         if self.cfg.value_adapter:
-            _load_role(self.value_base, self.value_role,
-                       {k.split("::", 1)[1]: v for k, v in state.items() if k.startswith("value::")})
+            self.value_base.load_adapter_state(self.value_role,
+                                               {k.split("::", 1)[1]: v for k, v in state.items() if k.startswith("value::")})
 
 
 class _Watch:
@@ -250,82 +250,6 @@ def _mean_over_ranks(metrics: dict, dist: PartialState) -> dict:
     return {**metrics, **dict(zip(keys, vals.tolist()))}
 
 
-# --------------------------------------------------------------------------------------------------- checkpoints
-def _save_checkpoint(folder: str, state: dict) -> None:
-    """Write a resumable checkpoint with no pickled objects: tensors (adapter, heads, optimizer moments) in
-    safetensors, everything else in JSON, in a new slot folder; ``latest.json`` is then pointed at it atomically,
-    so a kill at any moment leaves the previous checkpoint intact."""
-    from safetensors.torch import save_file
-
-    path = Path(folder)
-    path.mkdir(parents=True, exist_ok=True)
-    slot = path / f"step-{state['step']:06d}"
-    shutil.rmtree(slot, ignore_errors=True)
-    slot.mkdir()
-    tensors = {f"adapter/{k}": v.detach().contiguous().cpu() for k, v in state["adapter"].items()}
-    opt = state["optimizer"]
-    opt_scalars: dict[str, dict] = {}
-    for idx, st in opt["state"].items():
-        for name, val in st.items():
-            if torch.is_tensor(val):
-                tensors[f"opt/{idx}/{name}"] = val.detach().contiguous().cpu()
-            else:
-                opt_scalars.setdefault(str(idx), {})[name] = val
-    save_file(tensors, str(slot / "tensors.safetensors"))
-    rng_version, rng_internal, rng_gauss = state["rng"]
-    meta = {k: state[k] for k in ("step", "order", "kl_coef", "watch_first", "config", "role")}
-    meta.update(rng=[rng_version, list(rng_internal), rng_gauss], param_groups=opt["param_groups"], opt_scalars=opt_scalars)
-    (slot / "state.json").write_text(json.dumps(meta), encoding="utf-8")
-    tmp = path / (CHECKPOINT_FILE + ".tmp")
-    tmp.write_text(json.dumps({"slot": slot.name}), encoding="utf-8")
-    previous = _latest_slot(path)
-    os.replace(tmp, path / CHECKPOINT_FILE)  # the switch: atomic
-    if previous is not None and previous != slot:
-        shutil.rmtree(previous, ignore_errors=True)
-
-
-def _latest_slot(path: Path) -> Path | None:
-    pointer = path / CHECKPOINT_FILE
-    if not pointer.is_file():
-        return None
-    return path / json.loads(pointer.read_text(encoding="utf-8"))["slot"]
-
-
-def load_checkpoint(folder: str) -> dict:
-    """Read what :func:`_save_checkpoint` wrote (safetensors + JSON: nothing is unpickled)."""
-    from safetensors.torch import load_file
-
-    path = Path(folder)
-    slot = _latest_slot(path)
-    if slot is None or not (slot / "state.json").is_file():
-        raise FileNotFoundError(f"no PPO checkpoint at {path / CHECKPOINT_FILE}")
-    meta = json.loads((slot / "state.json").read_text(encoding="utf-8"))
-    tensors = load_file(str(slot / "tensors.safetensors"))
-    adapter = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("adapter/")}
-    opt_state: dict[int, dict] = {}
-    for k, v in tensors.items():
-        if k.startswith("opt/"):
-            _, idx, name = k.split("/", 2)
-            opt_state.setdefault(int(idx), {})[name] = v
-    for idx, scalars in meta["opt_scalars"].items():
-        opt_state.setdefault(int(idx), {}).update(scalars)
-    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
-    version, internal, gauss = meta["rng"]
-    return {"step": meta["step"], "adapter": adapter, "optimizer": {"state": opt_state, "param_groups": groups},
-            "rng": (version, tuple(internal), gauss), "order": meta["order"], "kl_coef": meta["kl_coef"],
-            "watch_first": meta["watch_first"], "config": meta["config"], "role": meta["role"]}
-
-
-def _load_role(shared: SharedBase, role: str, adapter: dict[str, torch.Tensor]) -> None:
-    current = dict(shared.peft.named_parameters())
-    with torch.no_grad():
-        for name, value in adapter.items():
-            if name.startswith("head."):
-                getattr(shared.heads[role], name.split(".", 1)[1]).copy_(value)
-            else:
-                current[name].copy_(value)
-
-
 def train(
     shared: SharedBase,
     cfg: PPOConfig,
@@ -336,11 +260,13 @@ def train(
     resume: bool = False,
     reference: SharedBase | None = None,
     value_base: SharedBase | None = None,
+    checkpoint: StepCheckpoint | None = None,
 ) -> None:
     """Run ``cfg.steps`` PPO iterations on ``data.prompts`` against ``data.score_fn``, training adapter ``role``.
 
-    ``resume`` continues from ``cfg.checkpoint_dir``; ``reference`` / ``value_base`` put those roles on other bases
-    (the many-copies layout, for benchmarks only).
+    ``checkpoint`` (or ``cfg.save_every`` + ``cfg.checkpoint_dir``) saves the loop's state after every step (every
+    N) and continues from the newest one found; ``resume`` demands one. ``reference`` / ``value_base`` put those roles
+    on other bases (the many-copies layout, for benchmarks only).
     """
     if data.score_fn is None:
         raise ValueError("PPO needs a reward source: TrainData.score_fn is None")
@@ -366,14 +292,18 @@ def train(
     watch = _Watch()
     order: list[int] = []
     start = 1
-    if resume:
-        if not cfg.checkpoint_dir:
-            raise ValueError("resume needs PPOConfig.checkpoint_dir")
-        state = load_checkpoint(cfg.checkpoint_dir)
-        roles.load(state["adapter"])
-        opt.load_state_dict(state["optimizer"])
-        rng.setstate(state["rng"])
-        order, kl_ctl.value, watch.first, start = state["order"], state["kl_coef"], state["watch_first"], state["step"] + 1
+    if checkpoint is None and cfg.save_every:
+        checkpoint = StepCheckpoint(cfg.checkpoint_dir, cfg.save_every)
+    if resume and checkpoint is None:
+        raise ValueError("resume needs PPOConfig.checkpoint_dir")
+    saved = checkpoint.load() if checkpoint is not None else None
+    if resume and saved is None:
+        raise ValueError(f"resume: no PPO checkpoint in {checkpoint.folder}")
+    if saved is not None:
+        roles.load(saved.weights)
+        saved.restore(opt, rngs={"rng": rng})
+        st = saved.state
+        order, kl_ctl.value, watch.first, start = st["order"], st["kl_coef"], st["watch_first"], saved.step + 1
 
     for step in range(start, cfg.steps + 1):
         t0 = time.perf_counter()
@@ -435,7 +365,8 @@ def train(
                 sum_across = (lambda t: all_reduce(t, reduction="sum")) if world > 1 else None
                 advantages, adv_scale = whiten_scaled(advantages, mask, sum_across=sum_across)
 
-        # 5. update: ppo_epochs passes of minibatches (each accumulated over grad_accum micro-batches)
+        # 5. update: ppo_epochs passes of minibatches, each accumulated over grad_accum micro-batches of at most
+        #    micro_batch_tokens padded tokens
         stats: dict[str, list[float]] = {k: [] for k in ("loss", "pg", "vf", "clipfrac", "approx_kl", "vf_clipfrac")}
         micro = cfg.mini_batch_size // cfg.grad_accum
         with shared.role(role) as lm:
@@ -466,7 +397,9 @@ def train(
                         # accumulated gradient is exactly the one of the minibatch in one pass
                         return loss * m.sum() / n_tokens
 
-                    groups = [idx[j : j + micro] for j in range(0, len(idx), micro)]
+                    groups = [g for j in range(0, len(idx), micro)
+                              for g in micro_batches(idx[j : j + micro], lambda i: (len(batch_prompts[i]), len(responses[i])),
+                                                     cfg.micro_batch_tokens)]
                     accumulated_step(groups, loss_of, params, opt, cfg.max_grad_norm, dist=dist, reduction="mean")
 
         # 6. KL controller, diagnostics (names from DESIGN.md), warnings, checkpoint
@@ -497,10 +430,7 @@ def train(
         metrics = _mean_over_ranks(metrics, dist)
         if dist.is_main_process:
             watch.check(step, metrics)
-        if cfg.save_every and dist.is_main_process and (step % cfg.save_every == 0 or step == cfg.steps):
-            _save_checkpoint(cfg.checkpoint_dir, {
-                "step": step, "adapter": roles.state(), "optimizer": opt.state_dict(),
-                "rng": rng.getstate(), "order": order, "kl_coef": kl_ctl.value, "watch_first": watch.first,
-                "config": asdict(cfg), "role": role,
-            })
         on_step(step, metrics)
+        if checkpoint is not None and checkpoint.due(step, cfg.steps):
+            checkpoint.save(step, weights=roles.state(), opt=opt, rngs={"rng": rng},
+                            state={"order": order, "kl_coef": kl_ctl.value, "watch_first": watch.first, "role": role})

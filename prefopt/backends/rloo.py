@@ -33,6 +33,7 @@ from prefopt.backends._common import (
     set_iteration_lr,
     sum_across,
 )
+from prefopt.backends.checkpoint import StepCheckpoint
 from prefopt.backends.losses import apply_eos_penalty, kl_per_token, rloo_advantages
 from prefopt.models.ops import gather_logprobs, hidden_states, logprob_stats, make_batch, response_logits, sample
 from prefopt.models.shared import SharedBase
@@ -77,9 +78,11 @@ def total_steps(cfg: RLOOConfig, data: TrainData) -> int:
 
 
 def train(
-    shared: SharedBase, cfg: RLOOConfig, data: TrainData, *, role: str = "rloo", on_step: StepCallback = no_op
+    shared: SharedBase, cfg: RLOOConfig, data: TrainData, *, role: str = "rloo", on_step: StepCallback = no_op,
+    checkpoint: StepCheckpoint | None = None,
 ) -> None:
-    """Run ``cfg.steps`` RLOO iterations on ``data.prompts`` against ``data.score_fn``, training adapter ``role``."""
+    """Run ``cfg.steps`` RLOO iterations on ``data.prompts`` against ``data.score_fn``, training adapter ``role``;
+    ``checkpoint`` saves the state after every step and continues from the newest one found."""
     if data.score_fn is None:
         raise ValueError("RLOO needs a reward source: TrainData.score_fn is None")
     seed = 0 if cfg.seed is None else cfg.seed
@@ -93,7 +96,13 @@ def train(
     dist = dist_state()  # under `accelerate launch`: each rank samples its own batch_size prompts, grads averaged
     world, rank = dist.num_processes, dist.process_index
     order: list[int] = []
-    for step in range(1, cfg.steps + 1):
+    start = 1
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        shared.load_adapter_state(role, saved.weights)
+        saved.restore(opt, rngs={"rng": rng})
+        order, start = saved.state["order"], saved.step + 1
+    for step in range(start, cfg.steps + 1):
         t0 = time.perf_counter()
         lr = set_iteration_lr(opt, cfg.learning_rate, cfg.lr_schedule, step, cfg.steps)
         while len(order) < cfg.batch_size * world:  # reshuffled every pass over the prompts
@@ -142,3 +151,5 @@ def train(
             "train/lr": lr,
             "time/step_s": time.perf_counter() - t0,
         })
+        if checkpoint is not None and checkpoint.due(step, cfg.steps):
+            checkpoint.save(step, weights=shared.adapter_state(role), opt=opt, rngs={"rng": rng}, state={"order": order})

@@ -29,6 +29,7 @@ from prefopt.backends._common import (
     pair_micro_batches,
     pair_stats,
 )
+from prefopt.backends.checkpoint import StepCheckpoint
 from prefopt.backends.losses import bradley_terry_loss
 from prefopt.data.records import PreferencePair, Prompt
 from prefopt.models.ops import encode_prompts, encode_responses, hidden_states, last_token_hidden, make_batch
@@ -134,8 +135,10 @@ def total_steps(cfg: RewardConfig, pairs: Sequence[PreferencePair]) -> int:
 
 def train(
     shared: SharedBase, pairs: Sequence[PreferencePair], cfg: RewardConfig, *, role: str = ROLE,
-    on_step: StepCallback = no_op,
+    on_step: StepCallback = no_op, checkpoint: StepCheckpoint | None = None,
 ) -> RewardModel:
+    """Bradley-Terry training of adapter + score head ``role``; ``checkpoint`` saves the state after every step and
+    continues from the newest one found."""
     seed = 0 if cfg.seed is None else cfg.seed
     if role not in shared.roles:
         shared.add_role(role, head=True, seed=seed)
@@ -144,39 +147,46 @@ def train(
     params = shared.adapter_parameters(role)
     opt = adamw(params, cfg.learning_rate)
     rng = random.Random(seed)
+    schedule = [(epoch, idx) for epoch in range(cfg.epochs) for idx in minibatches(len(data), cfg.batch_size, rng)]
     dist = dist_state()  # under `accelerate launch`: each rank takes a shard of every minibatch
     step = 0
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:  # the schedule is a function of the seed: skip the steps already taken
+        shared.load_adapter_state(role, saved.weights)
+        saved.restore(opt)
+        step = saved.step
     with shared.role(role) as lm:
-        for epoch in range(cfg.epochs):
-            for idx in minibatches(len(data), cfg.batch_size, rng):
-                t0 = time.perf_counter()
-                seen: list[torch.Tensor] = []  # per micro-batch: (loss, chosen - rejected) per pair
+        for epoch, idx in schedule[step:]:
+            t0 = time.perf_counter()
+            seen: list[torch.Tensor] = []  # per micro-batch: (loss, chosen - rejected) per pair
 
-                def loss_of(sub):
-                    # chosen and rejected in one forward: rows [0, b) chosen, [b, 2b) rejected
-                    prompts = [data.prompt_ids[i] for i in sub] * 2
-                    responses = [data.chosen_ids[i] for i in sub] + [data.rejected_ids[i] for i in sub]
-                    batch = make_batch(prompts, responses, tok.pad_token_id, shared.device)
-                    scores = _scores(shared.heads[role], lm, batch)  # (2b,)
-                    chosen, rejected = scores[: len(sub)], scores[len(sub) :]
-                    margin = None
-                    if any(data.margins[i] is not None for i in idx):
-                        margin = torch.tensor([data.margins[i] or 0.0 for i in sub], device=scores.device)
-                    losses = bradley_terry_loss(chosen, rejected, margin)
-                    seen.append(torch.stack([losses.detach(), (chosen - rejected).detach()]))
-                    return losses.sum() / len(idx)
+            def loss_of(sub):
+                # chosen and rejected in one forward: rows [0, b) chosen, [b, 2b) rejected
+                prompts = [data.prompt_ids[i] for i in sub] * 2
+                responses = [data.chosen_ids[i] for i in sub] + [data.rejected_ids[i] for i in sub]
+                batch = make_batch(prompts, responses, tok.pad_token_id, shared.device)
+                scores = _scores(shared.heads[role], lm, batch)  # (2b,)
+                chosen, rejected = scores[: len(sub)], scores[len(sub) :]
+                margin = None
+                if any(data.margins[i] is not None for i in idx):
+                    margin = torch.tensor([data.margins[i] or 0.0 for i in sub], device=scores.device)
+                losses = bradley_terry_loss(chosen, rejected, margin)
+                seen.append(torch.stack([losses.detach(), (chosen - rejected).detach()]))
+                return losses.sum() / len(idx)
 
-                groups = pair_micro_batches(data, idx, cfg.micro_batch_tokens, dist)
-                accumulated_step(groups, loss_of, params, opt, cfg.max_grad_norm, dist=dist)
-                loss, accuracy, margin = pair_stats(seen, len(idx), dist)
-                step += 1
-                on_step(step, {
-                    "train/loss": loss,
-                    "train/reward_accuracy": accuracy,
-                    "train/reward_margin": margin,
-                    "epoch": epoch,
-                    "time/step_s": time.perf_counter() - t0,
-                })
+            groups = pair_micro_batches(data, idx, cfg.micro_batch_tokens, dist)
+            accumulated_step(groups, loss_of, params, opt, cfg.max_grad_norm, dist=dist)
+            loss, accuracy, margin = pair_stats(seen, len(idx), dist)
+            step += 1
+            on_step(step, {
+                "train/loss": loss,
+                "train/reward_accuracy": accuracy,
+                "train/reward_margin": margin,
+                "epoch": epoch,
+                "time/step_s": time.perf_counter() - t0,
+            })
+            if checkpoint is not None and checkpoint.due(step, len(schedule)):
+                checkpoint.save(step, weights=shared.adapter_state(role), opt=opt)
     rm = RewardModel(shared, cfg, role)
     if cfg.normalize_on:
         # the pairs' responses are samples of the reference policy (synthetic pairs) or the data PPO starts

@@ -33,6 +33,7 @@ from prefopt.backends._common import (
     shard,
     sum_across,
 )
+from prefopt.backends.checkpoint import StepCheckpoint
 from prefopt.backends.losses import masked_mean
 from prefopt.models.ops import encode_prompts, encode_responses, make_batch, response_logprobs
 from prefopt.models.shared import SharedBase
@@ -73,10 +74,12 @@ def sft_loss(token_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def train(
-    shared: SharedBase, cfg: SFTConfig, data: TrainData, *, role: str = "sft", on_step: StepCallback = no_op
+    shared: SharedBase, cfg: SFTConfig, data: TrainData, *, role: str = "sft", on_step: StepCallback = no_op,
+    checkpoint: StepCheckpoint | None = None,
 ) -> None:
     """Train adapter ``role`` to maximise the likelihood of each demonstration's response given its prompt (the
-    pairs' ``chosen`` responses when there are no demonstrations: Preferred-FT)."""
+    pairs' ``chosen`` responses when there are no demonstrations: Preferred-FT). ``checkpoint`` saves the state
+    after every step and continues from the newest one found."""
     if data.demos:
         items = [(d.prompt, d.response, d.meta.get("response_eos", True)) for d in data.demos]
     else:  # Preferred-FT: the chosen responses of the pairs
@@ -94,30 +97,37 @@ def train(
     opt = adamw(params, cfg.learning_rate)
     sched = lr_scheduler(opt, cfg.lr_schedule, total_steps(cfg, data))
     rng = random.Random(seed)
+    schedule = [idx for _ in range(cfg.epochs) for idx in minibatches(n, cfg.batch_size, rng)]
     dist = dist_state()  # under `accelerate launch`: each rank takes a shard of every minibatch
     step = 0
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:  # the schedule is a function of the seed: skip the steps already taken
+        shared.load_adapter_state(role, saved.weights)
+        saved.restore(opt, sched)
+        step = saved.step
     with shared.role(role) as lm:
-        for _ in range(cfg.epochs):
-            for idx in minibatches(n, cfg.batch_size, rng):
-                t0 = time.perf_counter()
-                n_tokens = sum(len(response_ids[i]) for i in idx)
-                nll = []
+        for idx in schedule[step:]:
+            t0 = time.perf_counter()
+            n_tokens = sum(len(response_ids[i]) for i in idx)
+            nll = []
 
-                def loss_of(sub):
-                    # the minibatch's mean NLL per response token, this micro-batch's share of it
-                    batch = make_batch([prompt_ids[i] for i in sub], [response_ids[i] for i in sub], tok.pad_token_id, device)
-                    logps = response_logprobs(lm, batch).float()
-                    share = sft_loss(logps, batch.response_mask) * batch.response_mask.sum() / max(n_tokens, 1)
-                    nll.append(share.detach())
-                    return share
+            def loss_of(sub):
+                # the minibatch's mean NLL per response token, this micro-batch's share of it
+                batch = make_batch([prompt_ids[i] for i in sub], [response_ids[i] for i in sub], tok.pad_token_id, device)
+                logps = response_logprobs(lm, batch).float()
+                share = sft_loss(logps, batch.response_mask) * batch.response_mask.sum() / max(n_tokens, 1)
+                nll.append(share.detach())
+                return share
 
-                groups = micro_batches(shard(idx, dist), lambda i: (len(prompt_ids[i]), len(response_ids[i])), cfg.micro_batch_tokens)
-                accumulated_step(groups, loss_of, params, opt, cfg.max_grad_norm, sched, dist=dist)
-                loss = sum_across(torch.stack(nll).sum() if nll else torch.zeros(()), dist)
-                step += 1
-                on_step(step, {
-                    "train/loss": loss.item(),
-                    "train/perplexity": float(torch.exp(loss)),
-                    "train/tokens": n_tokens,
-                    "time/step_s": time.perf_counter() - t0,
-                })
+            groups = micro_batches(shard(idx, dist), lambda i: (len(prompt_ids[i]), len(response_ids[i])), cfg.micro_batch_tokens)
+            accumulated_step(groups, loss_of, params, opt, cfg.max_grad_norm, sched, dist=dist)
+            loss = sum_across(torch.stack(nll).sum() if nll else torch.zeros(()), dist)
+            step += 1
+            on_step(step, {
+                "train/loss": loss.item(),
+                "train/perplexity": float(torch.exp(loss)),
+                "train/tokens": n_tokens,
+                "time/step_s": time.perf_counter() - t0,
+            })
+            if checkpoint is not None and checkpoint.due(step, len(schedule)):
+                checkpoint.save(step, weights=shared.adapter_state(role), opt=opt, sched=sched)

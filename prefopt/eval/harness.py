@@ -80,10 +80,11 @@ def _ctx(shared: SharedBase, role: str | None):
 
 
 def sample_policy(shared: SharedBase, role: str | None, prompt_ids, cfg: EvalConfig, *, seed: int | None = None,
-                  on_batch=None) -> list[list[int]]:
+                  on_batch=None, dist=None) -> list[list[int]]:
+    """``dist``: several processes share the batches (exactly the one-process samples; see ``ops.sample``)."""
     with _ctx(shared, role) as lm:
         return sample(lm, shared.tokenizer, prompt_ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                      seed=cfg.seed if seed is None else seed, batch_size=cfg.batch_size, on_batch=on_batch)
+                      seed=cfg.seed if seed is None else seed, batch_size=cfg.batch_size, on_batch=on_batch, dist=dist)
 
 
 @torch.no_grad()
@@ -127,11 +128,11 @@ class BestOfN:
     n: int
     score_fn: ProxyFn
 
-    def sample(self, shared: SharedBase, prompt_ids, cfg: EvalConfig, on_batch=None) -> list[list[int]]:
+    def sample(self, shared: SharedBase, prompt_ids, cfg: EvalConfig, on_batch=None, dist=None) -> list[list[int]]:
         candidates, scores = [], []
         for j in range(self.n):
             cand = sample_policy(shared, None, prompt_ids, cfg, seed=cfg.seed + j * BON_SEED_OFFSET,
-                                 on_batch=on_batch if j == 0 else None)
+                                 on_batch=on_batch if j == 0 else None, dist=dist)
             candidates.append(cand)
             scores.append(np.asarray(self.score_fn(prompt_ids, cand).tolist(), dtype=np.float64))
         best = np.argmax(np.stack(scores), axis=0)  # (N,): the first maximum on ties
@@ -139,13 +140,13 @@ class BestOfN:
 
 
 def evaluate_policy(shared: SharedBase, role, prompt_ids, prompt_texts, judge: Judge, cfg: EvalConfig,
-                    *, proxy: ProxyFn | None = None, on_batch=None) -> PolicySamples:
+                    *, proxy: ProxyFn | None = None, on_batch=None, dist=None) -> PolicySamples:
     """Sample ``role`` (an adapter role, None = the reference, or a :class:`BestOfN`) on the prompts and score:
     gold, KL to the reference (k1, sequence; best-of-n: its analytic value), proxy."""
     if isinstance(role, BestOfN):
-        responses = role.sample(shared, prompt_ids, cfg, on_batch=on_batch)
+        responses = role.sample(shared, prompt_ids, cfg, on_batch=on_batch, dist=dist)
     else:
-        responses = sample_policy(shared, role, prompt_ids, cfg, on_batch=on_batch)
+        responses = sample_policy(shared, role, prompt_ids, cfg, on_batch=on_batch, dist=dist)
     texts = decode_responses(responses, shared.tokenizer)
     gold = _gold(judge, prompt_texts, texts)
     if isinstance(role, BestOfN):
@@ -171,9 +172,9 @@ class HeldOutPairs:
 
 
 def held_out_pairs(shared: SharedBase, prompt_ids, first: PolicySamples, prompt_texts, judge: Judge,
-                   cfg: EvalConfig) -> HeldOutPairs:
+                   cfg: EvalConfig, dist=None) -> HeldOutPairs:
     """Pair the reference's eval sample of each prompt with a second one; drop ties and identical responses."""
-    second = sample_policy(shared, None, prompt_ids, cfg, seed=cfg.seed + HELD_OUT_SEED_OFFSET)
+    second = sample_policy(shared, None, prompt_ids, cfg, seed=cfg.seed + HELD_OUT_SEED_OFFSET, dist=dist)
     gold2 = _gold(judge, prompt_texts, decode_responses(second, shared.tokenizer))
     out = HeldOutPairs([], [], [])
     for i, (a, b) in enumerate(zip(first.responses, second)):
@@ -207,8 +208,10 @@ def evaluate(
     *,
     proxies: Mapping[str, ProxyFn] | None = None,
     on_progress: Callable[[str, int], None] | None = None,
+    dist=None,
 ) -> EvalResult:
     """Evaluate ``policies`` (display name -> adapter role, None = the reference) on held-out ``prompts``.
+    ``dist`` (accelerate's state): several processes share the sampling, every rank gets the whole result.
 
     ``proxies`` maps a policy name to the reward model that scores it (its own run's); the reference is scored by
     each distinct proxy so every gold-proxy gap is standardised against the reference under the same proxy.
@@ -222,7 +225,8 @@ def evaluate(
     done: dict[str, PolicySamples] = {}
     for name, role in policies.items():
         cb = (lambda k, name=name: on_progress(name, k)) if on_progress else None
-        done[name] = evaluate_policy(shared, role, prompt_ids, prompt_texts, judge, cfg, proxy=proxies.get(name), on_batch=cb)
+        done[name] = evaluate_policy(shared, role, prompt_ids, prompt_texts, judge, cfg, proxy=proxies.get(name),
+                                     on_batch=cb, dist=dist)
     ref = done[REFERENCE]
     # the reference under every distinct proxy (for the standardised gold-proxy gap)
     ref_proxy: dict[int, np.ndarray] = {}
@@ -230,7 +234,7 @@ def evaluate(
         if id(fn) not in ref_proxy:
             ref_proxy[id(fn)] = done[name].proxy if name == REFERENCE else np.asarray(fn(prompt_ids, ref.responses).tolist())
 
-    pairs = held_out_pairs(shared, prompt_ids, ref, prompt_texts, judge, cfg) if cfg.held_out_pairs else None
+    pairs = held_out_pairs(shared, prompt_ids, ref, prompt_texts, judge, cfg, dist) if cfg.held_out_pairs else None
     ref_pair_logps = None
     if pairs is not None and pairs.chosen:
         ref_pair_logps = (sequence_logps(shared, None, pairs.prompt_ids, pairs.chosen, cfg),
@@ -283,13 +287,13 @@ def _standardised_gap(d: PolicySamples, ref: PolicySamples, ref_proxy: np.ndarra
 
 
 def evaluate_point(shared: SharedBase, role: str | None, prompts: Sequence[PromptRecord], judge: Judge,
-                   cfg: EvalConfig, *, proxy: ProxyFn | None = None, ref: PolicySamples | None = None):
+                   cfg: EvalConfig, *, proxy: ProxyFn | None = None, ref: PolicySamples | None = None, dist=None):
     """A light evaluation during training on ``prompts``: (samples, {metric: Estimate}) with gold reward, KL,
     proxy reward and the win rate against ``ref`` (the reference's samples of the same prompts)."""
     tok = shared.tokenizer
     prompt_ids = encode_prompts([p.prompt for p in prompts], tok, cfg.max_prompt_tokens)
     texts = [render_prompt(p.prompt, tok) for p in prompts]
-    d = evaluate_policy(shared, role, prompt_ids, texts, judge, cfg, proxy=proxy)
+    d = evaluate_policy(shared, role, prompt_ids, texts, judge, cfg, proxy=proxy, dist=dist)
     out = {"eval/gold_reward": mean_ci(d.gold), "eval/kl_to_ref": mean_ci(d.kl)}
     if d.proxy is not None:
         out["eval/proxy_reward"] = mean_ci(d.proxy)

@@ -254,11 +254,26 @@ def sample(
     seed: int = 0,
     batch_size: int = 64,
     on_batch=None,
+    dist=None,
 ) -> list[list[int]]:
     """Sample one response per prompt (pure sampling: no top-k/top-p, so log-probs under ``temperature`` are the
     sampling distribution). A response is cut after its first EOS (kept: ending is an action). Batch ``j`` is
     seeded with ``seed + j``, so the same prompts and seed give the same noise to every policy.
+
+    ``dist`` (accelerate's state, several processes): every rank passes the same prompts, samples the batches
+    ``j`` with ``j % world == rank`` and receives all of them -- exactly the one-process samples, in 1/world of
+    the time. (Online methods sample their own prompts per rank and pass no ``dist``.)
     """
+    if dist is not None and dist.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        starts = list(range(0, len(prompt_ids), batch_size))
+        mine = []
+        for j in range(dist.process_index, len(starts), dist.num_processes):
+            chunk = prompt_ids[starts[j] : starts[j] + batch_size]
+            mine.append((j, sample(lm, tokenizer, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   seed=seed + j, batch_size=batch_size, on_batch=on_batch)))
+        return [r for _, part in sorted(gather_object(mine)) for r in part]
     from transformers import GenerationConfig
 
     gen_cfg = GenerationConfig(

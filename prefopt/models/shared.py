@@ -209,6 +209,16 @@ class SharedBase:
             state.update({f"head.{k}": v.detach().clone() for k, v in self.heads[name].state_dict().items()})
         return state
 
+    def load_adapter_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        """Copy weights named as :meth:`adapter_state` gives them back into role ``name`` (a checkpoint's restore)."""
+        current = dict(self.peft.named_parameters())
+        with torch.no_grad():
+            for key, value in state.items():
+                if key.startswith("head."):
+                    self.heads[name].get_parameter(key.split(".", 1)[1]).copy_(value)
+                else:
+                    current[key].copy_(value)
+
     def merge_role(self, name: str) -> "SharedBase":
         """A new SharedBase whose frozen base is this base with role ``name``'s adapter merged into its weights
         (the SFT stage: the SFT model becomes the base, and "adapters off" is the SFT model, the reference of every

@@ -26,14 +26,14 @@ from prefopt import config as C
 from prefopt.backends import BACKENDS
 from prefopt.backends import rm as rm_backend
 from prefopt.backends import sft as sft_backend
-from prefopt.backends._common import TrainData
+from prefopt.backends._common import TrainData, dist_state
 from prefopt.data.io import load_pairs, read_demos, read_pairs, read_prompts, write_pairs, write_prompts
 from prefopt.data.judges import Judge, load_judge
 from prefopt.data.records import PreferencePair, PromptRecord, prompt_key
 from prefopt.data.split import holdout_pairs, prompts_from_pairs, split_prompts
 from prefopt.data.synthetic import annotator_summary, simulate_preferences
 from prefopt.data.tasks import sentiment_prompts
-from prefopt.errors import PrefoptError
+from prefopt.errors import Interrupted, PrefoptError, RunError
 from prefopt.eval.harness import REFERENCE, BestOfN, evaluate, evaluate_point
 from prefopt.eval.metrics import metric_versions
 from prefopt.models.base import load_base, pick_device, resolve_model
@@ -41,7 +41,8 @@ from prefopt.models.ops import decode_responses, encode_prompts, ends_with_eos, 
 from prefopt.models.rewards import SequenceClassifierReward, text_score_fn
 from prefopt.models.shared import SharedBase
 from prefopt.pipeline.config import EMBEDDED_PROMPTS, BenchConfig, Policy
-from prefopt.pipeline.stages import StageCache, file_digest, pairs_spec, rm_spec, sft_spec
+from prefopt.pipeline.resume import Progress, find_unfinished, run_spec
+from prefopt.pipeline.stages import Claim, StageCache, file_digest, fingerprint, pairs_spec, rm_spec, sft_spec
 from prefopt.reports.run import FILES, RunFolder, fill_run
 
 POLICY_INFO = "policy.json"
@@ -49,7 +50,7 @@ POLICY_INFO = "policy.json"
 
 @dataclass
 class RunResult:
-    out_dir: Path
+    out_dir: Path | None  # None on the ranks > 0 of a multi-process run (rank 0 writes the run folder)
     summary: list[dict]
     timings: dict[str, float]
     cache_hits: list[str]
@@ -72,10 +73,10 @@ class Stages:
         self.metrics: list[dict] = []
 
     @contextmanager
-    def stage(self, name: str, total: int | None = None, unit_metrics: tuple[str, ...] = ()):
-        task = self.progress.add_task(name, total=total, info="")
+    def stage(self, name: str, total: int | None = None, unit_metrics: tuple[str, ...] = (), done: int = 0):
+        """A stage with a progress bar of ``total`` units, ``done`` of them finished before (a resumed stage)."""
+        task = self.progress.add_task(name, total=total, info="", completed=done)
         t0 = time.perf_counter()
-        done = 0
 
         def advance(n: int = 1, metrics: dict | None = None):
             nonlocal done
@@ -92,6 +93,9 @@ class Stages:
         self.progress.remove_task(task)
         self.timings[name] = round(time.perf_counter() - t0, 1)
         self.console.log(f"{name}: {self.timings[name]:.1f}s")
+
+    def rows(self, stage: str) -> list[dict]:
+        return [r for r in self.metrics if r["stage"] == stage]
 
     def note(self, name: str, seconds: float, text: str) -> None:
         self.timings[name] = round(seconds, 1)
@@ -195,9 +199,9 @@ def synthesize_pairs(shared: SharedBase, judge, prompts: list[PromptRecord], cfg
     d, tok = cfg.data, shared.tokenizer
     ids = encode_prompts([p.prompt for p in prompts], tok, d.max_prompt_tokens)
     flat = [p for p in ids for _ in range(d.k)]  # prompt i's k samples are rows i*k .. i*k+k-1
-    with shared.reference() as lm:
+    with shared.reference() as lm:  # several processes share the batches (the same samples as one process)
         responses = sample(lm, tok, flat, max_new_tokens=d.max_new_tokens, temperature=d.temperature,
-                           seed=cfg.seed, batch_size=d.gen_batch_size, on_batch=advance)
+                           seed=cfg.seed, batch_size=d.gen_batch_size, on_batch=advance, dist=dist_state())
     texts = decode_responses(responses, tok)
     rendered = [render_prompt(p.prompt, tok) for p in prompts for _ in range(d.k)]
     scores = judge.score(rendered, texts)
@@ -285,29 +289,137 @@ def run(
     overwrite: bool = False,
     extra_meta: dict | None = None,
 ) -> RunResult:
+    from rich.console import Console
+
     cfg = copy.deepcopy(cfg)
-    stages = Stages(console)
-    out = Path(out_dir) if out_dir else Path("runs") / datetime.now().strftime("bench-%Y%m%d-%H%M%S")
+    dist = dist_state()  # `accelerate launch -m prefopt bench`: every rank runs this; rank 0 alone writes and speaks
+    main = dist.is_main_process
+    stages = Stages(console if main else Console(quiet=True))
     t_start = time.perf_counter()
+    # the same command continues a run that was killed: its output folder names its progress (without --out: the
+    # newest unfinished run of this spec under runs/)
+    spec = run_spec(cfg, evaluate_policies)
+    out = Path(out_dir) if out_dir else (find_unfinished(Path("runs"), spec)
+                                         or Path("runs") / datetime.now().strftime("bench-%Y%m%d-%H%M%S"))
+    out = Path(_from_rank0(str(out), dist))
 
     # 0. claim the output folder (is it writable?), then read and validate every input, all before any compute
-    folder = RunFolder.create(out, kind="run", overwrite=overwrite)
+    folder = RunFolder.create(out, kind="run", overwrite=overwrite) if main else RunFolder.scratch()
+    progress = None
     try:
         inputs = load_inputs(cfg)
+        if main:
+            progress = Progress.open(out, spec, overwrite=overwrite, default_out=out_dir is None)
+        progress = progress if dist.num_processes == 1 else _followed(progress, out, dist)
+        if progress.resumed:
+            stages.console.log(f"continuing the run started {progress.created} (its progress: {progress.folder})",
+                               highlight=False, markup=False)
         for report in inputs.data_reports:  # the detected format; with --skip-invalid what was left out, before
             stages.console.log(f"{report['data']}: {report['format']}", highlight=False, markup=False)  # any training
             if report["dropped"]:
                 stages.console.log(f"skipped invalid rows: {report['line']}", highlight=False, markup=False)
-        return _run(cfg, inputs, folder, stages, evaluate_policies, StageCache(cache_dir), t_start, extra_meta or {})
-    except BaseException:
+        cache = StageCache(cache_dir if cache_dir is not None else progress.cache_root)
+        result = _run(cfg, inputs, folder, stages, evaluate_policies, cache, progress, cache_dir is None, t_start,
+                      extra_meta or {})
+    except PrefoptError:  # the command has to change: its progress would never be continued
         folder.abort()
+        if progress is not None:
+            progress.remove()
         raise
+    except KeyboardInterrupt:
+        folder.abort()
+        if progress is None:
+            raise
+        progress.release()
+        raise Interrupted(progress.folder) from None
+    except BaseException:  # killed or a bug: keep the progress for the next start
+        folder.abort()
+        if progress is not None:
+            progress.release()
+        raise
+    progress.remove()
+    return result
+
+
+def _from_rank0(obj, dist):
+    """Rank 0's value of ``obj`` on every rank (itself with one process)."""
+    if dist.num_processes == 1:
+        return obj
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([obj], from_process=0)[0]
+
+
+def _followed(progress: Progress | None, out: Path, dist) -> Progress:
+    """Rank 0's progress on every rank: rank 0 writes it, the others read its checkpoints."""
+    resumed = _from_rank0(progress.resumed if progress is not None else None, dist)
+    return progress if progress is not None else Progress.follow(out, resumed)
+
+
+@contextmanager
+def _claim(cache: StageCache, stage: str, spec: dict, dist):
+    """A stage-cache claim made by rank 0 for every rank: rank 0 holds the lock and stores; the others learn
+    whether it was a hit and compute along (a data-parallel stage needs every rank)."""
+    if dist.num_processes == 1:
+        with cache.claim(stage, spec) as claim:
+            yield claim
+        return
+    if dist.is_main_process:
+        with cache.claim(stage, spec) as claim:
+            _from_rank0(str(claim.hit) if claim.hit is not None else None, dist)
+            yield claim
+        return
+    hit = _from_rank0(None, dist)
+    yield Claim(None, Path(hit) if hit else None, fingerprint(spec))
+
+
+def _same_on_every_rank(shared: SharedBase, role: str, dist, stage: str) -> None:
+    """Data-parallel training must leave every rank with the same weights: compare a checksum of ``role``'s."""
+    if dist.num_processes == 1:
+        return
+    from accelerate.utils import gather
+
+    weights = shared.adapter_state(role)
+    local = torch.stack([sum(v.double().sum() for v in weights.values()),
+                         sum(v.double().square().sum() for v in weights.values())]).to(shared.device)
+    sums = gather(local[None]).cpu()  # (world, 2)
+    if not torch.allclose(sums, sums[:1].expand_as(sums), rtol=1e-6, atol=1e-9):
+        raise RunError(f"{stage}: the ranks ended with different weights (checksums {sums.tolist()}): the processes "
+                       "did not train in step; report this with the accelerate config used")
+
+
+def _checkpoint(progress: Progress, stages: Stages, key: str, stage: str, path_rows: list | None = None,
+                policy: str | None = None, resumed: list | None = None, title: str | None = None):
+    """The step checkpoint of training stage ``key`` (metrics rows logged as ``stage``, path rows of ``policy``);
+    a stage continued from it gets its rows back. Returns (checkpoint, steps already done)."""
+    def extra() -> dict:
+        return {"metrics": stages.rows(stage), "path": [r for r in path_rows if r["policy"] == policy] if policy else []}
+
+    ck = progress.checkpoint(key, extra=extra)
+    saved = ck.load()
+    if saved is None:
+        return ck, 0
+    stages.metrics.extend(saved.extra["metrics"])
+    if policy is not None:
+        path_rows.extend(saved.extra["path"])
+    stages.console.log(f"{title or stage}: continuing after step {saved.step}", highlight=False)
+    if resumed is not None:
+        resumed.append(f"{stage}@{saved.step}")
+    return ck, saved.step
 
 
 def _run(cfg: BenchConfig, inputs: Inputs, folder: RunFolder, stages: Stages, evaluate_policies: bool,
-         cache: StageCache, t_start: float, extra_meta: dict) -> RunResult:
+         cache: StageCache, progress: Progress, own_cache: bool, t_start: float, extra_meta: dict) -> RunResult:
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    dist = dist_state()
     hits: list[str] = []
+    resumed: list[str] = []  # what this start took from the progress of an earlier one
+
+    def reused(stage: str, name: str, seconds: float, what: str = "") -> None:
+        """A stage whose artifact was found: from the user's --cache, or done before a restart."""
+        (resumed if own_cache else hits).append(stage)
+        stages.metrics.extend(progress.rows(stage) if own_cache else [])
+        stages.note(name, seconds, f"{what}{'finished before the restart' if own_cache else 'from the cache'}")
 
     # 1. one base, one LoRA config, a role per learner
     device = pick_device(cfg.device)
@@ -321,18 +433,22 @@ def _run(cfg: BenchConfig, inputs: Inputs, folder: RunFolder, stages: Stages, ev
     if inputs.demos:
         sft_cfg = copy.deepcopy(cfg.sft)
         sft_cfg.seed = cfg.seed if sft_cfg.seed is None else sft_cfg.seed
-        with cache.claim("sft", sft_spec(cfg, inputs.demos)) as claim:
+        with _claim(cache, "sft", sft_spec(cfg, inputs.demos), dist) as claim:
             sft_key = claim.key
             if claim.hit is not None:
                 t0 = time.perf_counter()
                 shared.load_role(SFT_DIR, claim.hit)
-                stages.note("sft", time.perf_counter() - t0, "from the cache")
-                hits.append("sft")
+                reused("sft", "sft", time.perf_counter() - t0)
             else:
                 data = TrainData(demos=inputs.demos)
-                with stages.stage("sft", total=sft_backend.total_steps(sft_cfg, data), unit_metrics=("train/loss",)) as adv:
-                    sft_backend.train(shared, sft_cfg, data, role=SFT_DIR, on_step=stages.logger("sft", adv))
+                ck, at = _checkpoint(progress, stages, "sft", "sft", resumed=resumed)
+                with stages.stage("sft", total=sft_backend.total_steps(sft_cfg, data), unit_metrics=("train/loss",),
+                                  done=at) as adv:
+                    sft_backend.train(shared, sft_cfg, data, role=SFT_DIR, on_step=stages.logger("sft", adv),
+                                      checkpoint=ck)
+                _same_on_every_rank(shared, SFT_DIR, dist, "sft")
                 claim.store(lambda d: shared.save_role(SFT_DIR, d))
+                progress.finish_stage("sft", stages.rows("sft"))
         shared.save_role(SFT_DIR, folder.path / SFT_DIR)
         sft_id = sft_digest(folder.path / SFT_DIR)
         shared = shared.merge_role(SFT_DIR)
@@ -342,13 +458,12 @@ def _run(cfg: BenchConfig, inputs: Inputs, folder: RunFolder, stages: Stages, ev
         train_pairs = inputs.given_pairs
         pairs_key = hashlib.sha256(json.dumps([p.__dict__ for p in train_pairs], sort_keys=True, default=str).encode()).hexdigest()[:16]
     else:
-        with cache.claim("pairs", pairs_spec(cfg, sft_key)) as claim:
+        with _claim(cache, "pairs", pairs_spec(cfg, sft_key), dist) as claim:
             pairs_key = claim.key
             if claim.hit is not None:
                 t0 = time.perf_counter()
                 train_pairs = load_pairs(claim.hit / FILES["pairs"])
-                stages.note("synthetic pairs", time.perf_counter() - t0, f"{len(train_pairs)} pairs from the cache")
-                hits.append("pairs")
+                reused("pairs", "synthetic pairs", time.perf_counter() - t0, f"{len(train_pairs)} pairs ")
             else:
                 with stages.stage("synthetic pairs", total=len(inputs.train) * cfg.data.k) as adv:
                     train_pairs = synthesize_pairs(shared, inputs.judge, inputs.train, cfg, adv)
@@ -364,17 +479,20 @@ def _run(cfg: BenchConfig, inputs: Inputs, folder: RunFolder, stages: Stages, ev
     if cfg.rm.when == "always" or any(p.config.needs_reward_model() for p in inputs.policies.values()):
         rm_cfg = copy.deepcopy(cfg.rm)
         rm_cfg.seed = cfg.seed if rm_cfg.seed is None else rm_cfg.seed
-        with cache.claim("rm", rm_spec(cfg, pairs_key, sft_key)) as claim:
+        with _claim(cache, "rm", rm_spec(cfg, pairs_key, sft_key), dist) as claim:
             if claim.hit is not None:
                 t0 = time.perf_counter()
                 rm = rm_backend.RewardModel.load(shared, claim.hit)
-                stages.note("reward model", time.perf_counter() - t0, "from the cache")
-                hits.append("rm")
+                reused("rm", "reward model", time.perf_counter() - t0)
             else:
                 steps = rm_backend.total_steps(rm_cfg, train_pairs)
-                with stages.stage("reward model", total=steps, unit_metrics=("train/loss", "train/reward_accuracy")) as adv:
-                    rm = rm_backend.train(shared, train_pairs, rm_cfg, on_step=stages.logger("rm", adv))
+                ck, at = _checkpoint(progress, stages, "rm", "rm", resumed=resumed, title="reward model")
+                with stages.stage("reward model", total=steps, unit_metrics=("train/loss", "train/reward_accuracy"),
+                                  done=at) as adv:
+                    rm = rm_backend.train(shared, train_pairs, rm_cfg, on_step=stages.logger("rm", adv), checkpoint=ck)
+                _same_on_every_rank(shared, rm.role, dist, "reward model")
                 claim.store(lambda d: rm.save(d))
+                progress.finish_stage("rm", stages.rows("rm"))
         rm.save(folder.path / "rm")
     annotators = _annotators(train_pairs, rm, stages)
 
@@ -406,9 +524,24 @@ def _run(cfg: BenchConfig, inputs: Inputs, folder: RunFolder, stages: Stages, ev
                     _path_point(shared, role, path_prompts, inputs.judge, cfg, proxy, ref_path, path_rows, name,
                                 step, step / total)
 
-        unit = ("train/score", "train/kl") if spec else ("train/loss", "train/reward_accuracy")
-        with stages.stage(name, total=total, unit_metrics=unit) as adv:
-            pol.module.train(shared, pol.config, data, role=pol.role, on_step=stages.logger(name, adv, at_checkpoint))
+        key = f"policies/{name}"
+        done = progress.done(key)
+        if done is not None:  # trained before a restart: its adapter, metrics rows and path points
+            t0 = time.perf_counter()
+            shared.load_role(pol.role, done.folder)
+            stages.metrics.extend(done.metrics)
+            path_rows.extend(done.path)
+            stages.note(name, time.perf_counter() - t0, "finished before the restart")
+            resumed.append(name)
+        else:
+            ck, at = _checkpoint(progress, stages, key, name, path_rows, name, resumed)
+            unit = ("train/score", "train/kl") if spec else ("train/loss", "train/reward_accuracy")
+            with stages.stage(name, total=total, unit_metrics=unit, done=at) as adv:
+                pol.module.train(shared, pol.config, data, role=pol.role, on_step=stages.logger(name, adv, at_checkpoint),
+                                 checkpoint=ck)
+            _same_on_every_rank(shared, pol.role, dist, name)
+            progress.finish_stage(key, stages.rows(name), [r for r in path_rows if r["policy"] == name],
+                                  write=lambda d, role=pol.role: shared.save_role(role, d))
         shared.save_role(pol.role, folder.path / "policies" / name)
         folder.write_json(f"policies/{name}/{POLICY_INFO}", {"policy": name, **policy_info[name], "model": cfg.model,
                                                              "lora": asdict(cfg.lora)})
@@ -422,14 +555,15 @@ def _run(cfg: BenchConfig, inputs: Inputs, folder: RunFolder, stages: Stages, ev
         with stages.stage("eval", total=len(inputs.eval) * len(policies)) as adv:
             result = evaluate(shared, policies, inputs.eval, inputs.judge, cfg.eval,
                               proxies={n: proxy for n in policies} if proxy else None,
-                              on_progress=lambda name, k: adv(k))
+                              on_progress=lambda name, k: adv(k), dist=dist)
         summary, samples, n_pairs_eval = result.summary, result.samples, result.n_held_out_pairs
 
     # 6. report (atomic: the folder appears only now, complete)
     timings = dict(stages.timings, total=round(time.perf_counter() - t_start, 1))
     meta = {
         "versions": versions(), "seed": cfg.seed, "device": str(shared.device), "threads": torch.get_num_threads(),
-        "timings_s": timings, "cache_hits": hits, "n_train_prompts": len(inputs.train),
+        "processes": dist.num_processes,
+        "timings_s": timings, "cache_hits": hits, "resumed": resumed, "n_train_prompts": len(inputs.train),
         "n_eval_prompts": len(inputs.eval), "n_pairs": len(train_pairs), "n_pairs_held_out": inputs.held_out,
         "n_held_out_eval_pairs": n_pairs_eval, "rm_score_offset": rm.offset if rm is not None else None,
         "data_reports": inputs.data_reports, "annotators": annotators, "sft": {"demos": len(inputs.demos), "adapter": sft_id} if sft_id else None,
@@ -439,6 +573,9 @@ def _run(cfg: BenchConfig, inputs: Inputs, folder: RunFolder, stages: Stages, ev
         folder.write_json(FILES["data_report"], inputs.data_reports)
     extra = {"eval_settings": eval_settings(cfg, inputs.eval, sft_id), "metric_versions": metric_versions(),
              "policy_info": policy_info, "backends": list(BACKENDS)}
+    if not dist.is_main_process:  # rank 0 writes the run folder
+        folder.abort()
+        return RunResult(None, summary, timings, hits)
     fill_run(folder, config=C.to_dict(cfg), metrics=stages.metrics, summary=summary, samples=samples, meta=meta,
              policies=[REFERENCE, *inputs.policies] if summary else list(inputs.policies), extra=extra,
              path=path_rows)
@@ -467,7 +604,7 @@ def _annotators(pairs: list, rm, stages: Stages) -> list[dict]:
 def _path_point(shared, role, prompts, judge, cfg: BenchConfig, proxy, ref, rows: list, name: str, step: int,
                 progress: float):
     """Evaluate ``role`` on the path prompts and append its rows (gold, KL, proxy, win rate vs the reference)."""
-    d, estimates = evaluate_point(shared, role, prompts, judge, cfg.eval, proxy=proxy, ref=ref)
+    d, estimates = evaluate_point(shared, role, prompts, judge, cfg.eval, proxy=proxy, ref=ref, dist=dist_state())
     for metric, est in estimates.items():
         rows.append({"step": step, "progress": round(progress, 4), **est.summary_row(name, metric)})
     return d
