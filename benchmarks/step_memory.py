@@ -6,7 +6,8 @@ loading, so the peak is the steps'), same pairs, same seed; micro-batching chang
 Reported per row: peak RSS (MiB) of the steps, RSS of the loaded base, seconds per step (mean after the first),
 the achieved model FLOP rate of the steps (2 x non-embedding params x tokens forward, x2 for the backward's
 activation gradients; LM head counted on response positions) and, measured in the same process, this CPU's fp32
-GEMM rate. Usage:
+GEMM rate. A budget with ``+ckpt`` (e.g. ``1024+ckpt``) also recomputes each decoder layer's activations in the
+backward pass (``checkpoint_activations``; the FLOP rate counts the model's FLOPs, not the recomputation). Usage:
 
     python benchmarks/step_memory.py --out results/step_memory.json
     python benchmarks/step_memory.py --model tiny --steps 2 --out /tmp/s.json   # quick check
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import time
 
-BUDGETS = ("none", "1024", "384")
+BUDGETS = ("none", "1024", "384", "1024+ckpt")
 STAGES = ("rm", "dpo")
 
 
@@ -67,7 +68,9 @@ def run_child(stage: str, budget: str, model: str, steps: int, threads: int, pro
 
     torch.set_num_threads(threads)
     lm, tok = load_base(model, device=torch.device("cpu"), seed=0)
-    shared = SharedBase(lm, tok, LoraSettings())
+    recompute = budget.endswith("+ckpt")
+    budget = budget.removesuffix("+ckpt")
+    shared = SharedBase(lm, tok, LoraSettings(), checkpoint_activations=recompute)
     rng = random.Random(0)
     vocab = list(range(min(200, tok.vocab_size // 4), min(tok.vocab_size, 20000)))
 
@@ -97,7 +100,7 @@ def run_child(stage: str, budget: str, model: str, steps: int, threads: int, pro
     flops = 2 * 2 * params * tokens + (2 * 2 * head * batch * 2 * (response_tokens + 1) if stage == "dpo" else 0)
     after = times[1:] or times
     s = sum(after) / len(after)
-    return {"stage": stage, "micro_batch_tokens": micro, "model": model, "threads": threads, "steps": steps,
+    return {"stage": stage, "micro_batch_tokens": micro, "checkpoint_activations": recompute, "model": model, "threads": threads, "steps": steps,
             "pairs_per_step": batch, "prompt_tokens": prompt_tokens, "response_tokens": response_tokens,
             "rss_base_mib": base_rss, "peak_rss_mib": peak, "s_per_step": s, "step_times_s": times,
             "model_gflop_per_step": flops / 1e9, "achieved_gflops": flops / s / 1e9,

@@ -64,12 +64,12 @@ def _pairs(n=10, seed=0):
     return [PreferencePair(prompt=word() + "?", chosen=word(), rejected=word(), margin=None) for _ in range(n)]
 
 
-def _first_gradient(tiny, train, monkeypatch):
+def _first_gradient(tiny, train, monkeypatch, checkpoint_activations=False):
     """The gradient of the first optimisation step of train(shared), from identical starts (captured where it is
     clipped; later steps are not compared: Adam's first steps turn rounding-level differences of near-zero
     gradient entries into lr-sized ones)."""
     lm, tok = tiny
-    shared = SharedBase(copy.deepcopy(lm), tok, LoraSettings(r=4, alpha=8))
+    shared = SharedBase(copy.deepcopy(lm), tok, LoraSettings(r=4, alpha=8), checkpoint_activations)
     grads = []
     clip = torch.nn.utils.clip_grad_norm_
 
@@ -142,3 +142,24 @@ def test_ppo_grad_accumulation_equals_one_pass(tiny, monkeypatch):
     _assert_same(one_pass, run(4))
     _assert_same(one_pass, run(1, micro=1))  # token-budgeted: one rollout per micro-batch
     _assert_same(one_pass, run(2, micro=12))
+
+
+@pytest.mark.parametrize("backend", ["rm", "dpo", "ppo"])
+def test_activation_checkpointing_gives_the_same_gradients(tiny, backend, monkeypatch):
+    """Recomputing each layer's activations in the backward pass is the same computation: the same gradient."""
+    pairs = _pairs()
+    prompts = [[5 + i, 9, 11 + i] for i in range(8)]
+    train = {
+        "rm": lambda s: rm.train(s, pairs, rm.RewardConfig(batch_size=5, epochs=1, learning_rate=1e-2, normalize_on=0)),
+        "dpo": lambda s: dpo.train(s, dpo.DPOConfig(batch_size=5, learning_rate=1e-2), TrainData(pairs=pairs)),
+        "ppo": lambda s: ppo.train(s, ppo.PPOConfig(steps=1, batch_size=4, mini_batch_size=4, ppo_epochs=1, max_new_tokens=6,
+                                                    learning_rate=1e-2, seed=0), TrainData(prompts=prompts, score_fn=_score)),
+    }[backend]
+    plain = _first_gradient(tiny, train, monkeypatch)
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    recomputed = _first_gradient(tiny, train, monkeypatch, checkpoint_activations=True)
+    assert calls  # the layers did run checkpointed
+    for a, b in zip(plain, recomputed, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

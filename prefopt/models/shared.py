@@ -50,6 +50,29 @@ class LoraSettings:
         )
 
 
+def checkpoint_layers(lm) -> None:
+    """Activation checkpointing of every decoder layer: with gradients enabled, a layer keeps only its input and
+    recomputes its activations in the backward pass (torch.utils.checkpoint, non-reentrant), so a training
+    forward holds about one layer's activations instead of all of them, for one more forward of compute. The
+    recomputation is the same computation (no dropout: LoRA dropout is 0 by default, and the base runs in eval
+    mode), so the gradients are the ones without it. Without gradients (sampling, scoring) nothing changes.
+    transformers' own switch needs the model in training mode, which prefopt never uses."""
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in lm.get_decoder().layers:
+        if getattr(layer, "_prefopt_checkpointed", False):
+            continue
+        plain = layer.forward
+
+        def forward(*args, _plain=plain, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
+            return _plain(*args, **kwargs)
+
+        layer.forward = forward
+        layer._prefopt_checkpointed = True
+
+
 class SharedBase:
     """A frozen causal LM with named LoRA roles and optional scalar heads.
 
@@ -59,9 +82,12 @@ class SharedBase:
     >>> with shared.reference(): ...       # base, adapters off
     """
 
-    def __init__(self, lm, tokenizer, lora: LoraSettings):
+    def __init__(self, lm, tokenizer, lora: LoraSettings, checkpoint_activations: bool = False):
         self.tokenizer = tokenizer
         self.lora = lora
+        self.checkpoint_activations = checkpoint_activations
+        if checkpoint_activations:
+            checkpoint_layers(lm)
         self.peft = None
         self._lm = lm  # the (LoRA-injected once roles exist) LlamaForCausalLM-like module
         self.heads = nn.ModuleDict()
@@ -231,7 +257,7 @@ class SharedBase:
         merged.requires_grad_(False)
         merged.eval()
         self.peft, self.roles, self._trainable = None, [], []  # this object no longer holds a usable base
-        return SharedBase(merged, self.tokenizer, self.lora)
+        return SharedBase(merged, self.tokenizer, self.lora, self.checkpoint_activations)
 
     def base_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in self._lm.named_parameters() if "lora_" not in n}

@@ -425,7 +425,7 @@ def _run(cfg: BenchConfig, inputs: Inputs, folder: RunFolder, stages: Stages, ev
     device = pick_device(cfg.device)
     with stages.stage("load base"):
         lm, tok = base_model(cfg.model, device)
-    shared = SharedBase(lm, tok, cfg.lora)
+    shared = SharedBase(lm, tok, cfg.lora, cfg.checkpoint_activations)
 
     # 1b. the SFT stage (optional): an adapter on the demonstrations, merged into the base, which becomes the
     #     reference of every later stage

@@ -92,6 +92,9 @@ class BenchConfig:
     seed: int = field(default=0, metadata={"help": "Master seed: synthetic pairs, annotator, adapter init and every training stage."})
     device: str | None = field(default=None, metadata={"help": "torch device; default cuda if available else cpu."})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: all cores; use 1 per process when running several)."})
+    checkpoint_activations: bool = field(default=False, metadata={"help": "Recompute each decoder layer's activations in the "
+                                         "backward pass instead of keeping them: training steps hold ~1 layer's activations "
+                                         "instead of all (peak memory), for one more forward of compute; same gradients."})
     policies: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {"ppo": {"backend": "ppo"}, "dpo": {"backend": "dpo"}},
         metadata={"help": "The policies to train and compare: name -> {backend: <name>, <field>: <value>, ...}; "
