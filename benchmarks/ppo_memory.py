@@ -6,7 +6,8 @@ Each layout runs in a fresh subprocess (peak RSS is per process), same PPO setti
                   adapters off (prefopt's default)
   shared-vadapter one base, but the value function gets its own LoRA adapter + head (one more forward per step)
   copies          four full copies of the base: policy (LoRA), value model (LoRA + head), reference (frozen),
-                  reward model (LoRA + head) — the layout of trl <= 0.29's PPOTrainer
+                  reward model (LoRA + head) — the roles of trl <= 0.29's PPOTrainer, which goes further and
+                  trains its whole value model (benchmarks/ppo_peer.py runs trl itself)
 
 Reported: bytes of resident model weights (unique tensor storages), peak RSS after loading and after the PPO
 steps (the counter is reset after loading, so the step peak excludes GGUF dequantisation), seconds per PPO
@@ -78,7 +79,9 @@ def _weight_bytes(*modules) -> int:
     return total
 
 
-def run_layout(layout: str, model: str, steps: int, threads: int) -> dict:
+def run_layout(layout: str, model: str, steps: int, threads: int, ppo_overrides: dict | None = None,
+               checkpoint_activations: bool = False) -> dict:
+    """One layout's PPO steps in this process; ``ppo_overrides``: PPOConfig fields other than the defaults."""
     import torch
 
     from prefopt.backends import ppo
@@ -94,15 +97,15 @@ def run_layout(layout: str, model: str, steps: int, threads: int) -> dict:
     _trim()
     rss_base = _rss_mib()
     lora = LoraSettings()
-    cfg = ppo.PPOConfig(steps=steps, value_adapter=layout != "shared", seed=0)
+    cfg = ppo.PPOConfig(**{**(ppo_overrides or {}), "steps": steps, "value_adapter": layout != "shared", "seed": 0})
     if layout == "copies":
-        policy = SharedBase(lm, tok, lora)
+        policy = SharedBase(lm, tok, lora, checkpoint_activations)
         value = SharedBase(copy.deepcopy(lm), tok, lora)
         reference = SharedBase(copy.deepcopy(lm), tok, lora)
         reward = SharedBase(copy.deepcopy(lm), tok, lora)
         bases = [policy, value, reference, reward]
     else:
-        policy = value = reference = reward = SharedBase(lm, tok, lora)
+        policy = value = reference = reward = SharedBase(lm, tok, lora, checkpoint_activations)
         bases = [policy]
     reward.add_role("rm", head=True)
     rm = RewardModel(reward, RewardConfig())
@@ -119,7 +122,9 @@ def run_layout(layout: str, model: str, steps: int, threads: int) -> dict:
     after = times[1:] or times
     return {
         "layout": layout, "model": model, "threads": threads, "steps": steps,
-        "ppo": {k: getattr(cfg, k) for k in ("batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens")},
+        "checkpoint_activations": checkpoint_activations,
+        "ppo": {k: getattr(cfg, k) for k in ("batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",
+                                             "micro_batch_tokens")},
         "weight_bytes": _weight_bytes(*modules),
         **loaded,
         "peak_rss_mib": _peak_rss_mib(),  # of the PPO steps (since the reset)
