@@ -80,6 +80,9 @@ def test_cached_stages_give_identical_results_and_runs_are_artifacts(tmp_path):
     steps = {(r["policy"], r["step"]) for r in doc["path"]}
     assert ("reference", 0) in steps and ("ppo", 1) in steps  # evaluations during training draw a path
     assert json.loads((a / "prefopt-run.json").read_text())["complete"] is True
+    peaks = doc["meta"]["peak_rss_mib_after"]  # which stage set the process's peak memory
+    assert list(peaks) == [k for k in doc["meta"]["timings_s"] if k in peaks] and {"ppo", "dpo", "eval"} <= set(peaks)
+    assert list(peaks.values()) == sorted(peaks.values()) and all(v > 50 for v in peaks.values())
 
 
 def test_seed_changes_pairs_and_weights(tmp_path):

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import subprocess
 import time
 from contextlib import contextmanager
@@ -70,6 +71,7 @@ class Stages:
             disable=not self.console.is_terminal,
         )
         self.timings: dict[str, float] = {}
+        self.peak_rss: dict[str, float] = {}  # the process's peak RSS (MiB) when each stage ended: which one set it
         self.metrics: list[dict] = []
 
     @contextmanager
@@ -92,6 +94,7 @@ class Stages:
             yield advance
         self.progress.remove_task(task)
         self.timings[name] = round(time.perf_counter() - t0, 1)
+        self.peak_rss[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
         self.console.log(f"{name}: {self.timings[name]:.1f}s")
 
     def rows(self, stage: str) -> list[dict]:
@@ -563,7 +566,7 @@ def _run(cfg: BenchConfig, inputs: Inputs, folder: RunFolder, stages: Stages, ev
     meta = {
         "versions": versions(), "seed": cfg.seed, "device": str(shared.device), "threads": torch.get_num_threads(),
         "processes": dist.num_processes,
-        "timings_s": timings, "cache_hits": hits, "resumed": resumed, "n_train_prompts": len(inputs.train),
+        "timings_s": timings, "peak_rss_mib_after": stages.peak_rss, "cache_hits": hits, "resumed": resumed, "n_train_prompts": len(inputs.train),
         "n_eval_prompts": len(inputs.eval), "n_pairs": len(train_pairs), "n_pairs_held_out": inputs.held_out,
         "n_held_out_eval_pairs": n_pairs_eval, "rm_score_offset": rm.offset if rm is not None else None,
         "data_reports": inputs.data_reports, "annotators": annotators, "sft": {"demos": len(inputs.demos), "adapter": sft_id} if sft_id else None,
