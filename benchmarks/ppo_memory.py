@@ -80,8 +80,13 @@ def _weight_bytes(*modules) -> int:
 
 
 def run_layout(layout: str, model: str, steps: int, threads: int, ppo_overrides: dict | None = None,
-               checkpoint_activations: bool = False) -> dict:
-    """One layout's PPO steps in this process; ``ppo_overrides``: PPOConfig fields other than the defaults."""
+               checkpoint_activations: bool = False, bounded_heap: bool = False) -> dict:
+    """One layout's PPO steps in this process; ``ppo_overrides``: PPOConfig fields other than the defaults;
+    ``bounded_heap``: the config's fixed glibc mmap threshold (prefopt/_alloc.py)."""
+    if bounded_heap:
+        from prefopt._alloc import bound_heap
+
+        bound_heap()
     import torch
 
     from prefopt.backends import ppo
@@ -122,7 +127,7 @@ def run_layout(layout: str, model: str, steps: int, threads: int, ppo_overrides:
     after = times[1:] or times
     return {
         "layout": layout, "model": model, "threads": threads, "steps": steps,
-        "checkpoint_activations": checkpoint_activations,
+        "checkpoint_activations": checkpoint_activations, "bounded_heap": bounded_heap,
         "ppo": {k: getattr(cfg, k) for k in ("batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",
                                              "micro_batch_tokens")},
         "weight_bytes": _weight_bytes(*modules),

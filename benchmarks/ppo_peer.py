@@ -96,9 +96,10 @@ def write_spec(path: str) -> None:
 
 
 def run_prefopt(steps: int, overrides: dict) -> dict:
-    recompute = bool(overrides.pop("checkpoint_activations", False))  # a setting of the base, not of PPO
+    recompute = bool(overrides.pop("checkpoint_activations", False))  # settings of the process, not of PPO
+    bounded = bool(overrides.pop("bounded_heap", False))
     row = ppo_memory.run_layout("shared", MODEL, steps, THREADS, ppo_overrides={**SAME_WORK, **overrides},
-                                checkpoint_activations=recompute)
+                                checkpoint_activations=recompute, bounded_heap=bounded)
     return {**row, "versions": _versions()}
 
 
@@ -201,7 +202,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--set", dest="sets", action="append", default=[],
                     help="A PPOConfig field of prefopt's side, e.g. --set micro_batch_tokens=512, or "
-                         "checkpoint_activations=true (JSON values).")
+                         "checkpoint_activations=true, bounded_heap=true (JSON values).")
     ap.add_argument("--child", choices=("spec", "prefopt", "trl"), help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)

@@ -7,7 +7,8 @@ Reported per row: peak RSS (MiB) of the steps, RSS of the loaded base, seconds p
 the achieved model FLOP rate of the steps (2 x non-embedding params x tokens forward, x2 for the backward's
 activation gradients; LM head counted on response positions) and, measured in the same process, this CPU's fp32
 GEMM rate. A budget with ``+ckpt`` (e.g. ``1024+ckpt``) also recomputes each decoder layer's activations in the
-backward pass (``checkpoint_activations``; the FLOP rate counts the model's FLOPs, not the recomputation). Usage:
+backward pass (``checkpoint_activations``; the FLOP rate counts the model's FLOPs, not the recomputation); with
+``+heap`` the child fixes glibc's mmap threshold first (``bounded_heap``, ``prefopt/_alloc.py``). Usage:
 
     python benchmarks/step_memory.py --out results/step_memory.json
     python benchmarks/step_memory.py --model tiny --steps 2 --out /tmp/s.json   # quick check
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import time
 
-BUDGETS = ("none", "1024", "384", "1024+ckpt")
+BUDGETS = ("none", "1024", "384", "1024+ckpt", "1024+heap")
 STAGES = ("rm", "dpo")
 
 
@@ -68,8 +69,13 @@ def run_child(stage: str, budget: str, model: str, steps: int, threads: int, pro
 
     torch.set_num_threads(threads)
     lm, tok = load_base(model, device=torch.device("cpu"), seed=0)
-    recompute = budget.endswith("+ckpt")
-    budget = budget.removesuffix("+ckpt")
+    bounded = "+heap" in budget  # the config's bounded_heap: a fixed glibc mmap threshold
+    recompute = "+ckpt" in budget
+    budget = budget.split("+")[0]
+    if bounded:
+        from prefopt._alloc import bound_heap
+
+        bound_heap()
     shared = SharedBase(lm, tok, LoraSettings(), checkpoint_activations=recompute)
     rng = random.Random(0)
     vocab = list(range(min(200, tok.vocab_size // 4), min(tok.vocab_size, 20000)))
@@ -100,7 +106,8 @@ def run_child(stage: str, budget: str, model: str, steps: int, threads: int, pro
     flops = 2 * 2 * params * tokens + (2 * 2 * head * batch * 2 * (response_tokens + 1) if stage == "dpo" else 0)
     after = times[1:] or times
     s = sum(after) / len(after)
-    return {"stage": stage, "micro_batch_tokens": micro, "checkpoint_activations": recompute, "model": model, "threads": threads, "steps": steps,
+    return {"stage": stage, "micro_batch_tokens": micro, "checkpoint_activations": recompute,
+            "bounded_heap": bounded, "model": model, "threads": threads, "steps": steps,
             "pairs_per_step": batch, "prompt_tokens": prompt_tokens, "response_tokens": response_tokens,
             "rss_base_mib": base_rss, "peak_rss_mib": peak, "s_per_step": s, "step_times_s": times,
             "model_gflop_per_step": flops / 1e9, "achieved_gflops": flops / s / 1e9,

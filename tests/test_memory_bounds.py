@@ -163,3 +163,12 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny, backend, monkey
     assert calls  # the layers did run checkpointed
     for a, b in zip(plain, recomputed, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_bounded_heap_fixes_the_glibc_mmap_threshold(monkeypatch):
+    """``bounded_heap`` sets glibc's mmap threshold (glibc here: CI and the machines this project runs on)."""
+    from prefopt._alloc import bound_heap
+
+    assert bound_heap() is True
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")  # the user's own setting wins
+    assert bound_heap() is False
