@@ -243,7 +243,7 @@ def _train_online(shared, cfg: DPOConfig, data: TrainData, role: str, params, op
             prompts = [prompt_ids[i] for i in mine for _ in range(2)]
             with torch.no_grad(), shared.role(role) as lm:  # batches of 2 x batch_size rows, shared by the ranks
                 responses = sample(lm, tok, prompts, max_new_tokens=cfg.max_response_tokens, temperature=1.0,
-                                   seed=seed * 100_003 + rnd * 1_009, batch_size=2 * cfg.batch_size, dist=dist_state())
+                                   seed=seed * 100_003 + rnd, batch_size=2 * cfg.batch_size, dist=dist_state())
             scores = data.score_fn(prompts, responses).float().cpu()
             a, b = scores[0::2], scores[1::2]
             gen = torch.Generator().manual_seed(seed * 7919 + rnd)

@@ -23,7 +23,6 @@ from accelerate.utils import reduce as all_reduce
 
 from prefopt.backends._common import (
     LR_SCHEDULES,
-    MICRO_BATCH_TOKENS,
     MICRO_BATCH_TOKENS_HELP,
     StepCallback,
     TrainData,
@@ -79,13 +78,18 @@ REFUSED_ESTIMATORS = {
 }
 
 
+PPO_MICRO_BATCH_TOKENS = 256
+
+
 @dataclass
 class PPOConfig:
     steps: int = field(default=12, metadata={"help": "PPO iterations (rollout + update).", "positive": True})
     batch_size: int = field(default=32, metadata={"help": "Rollouts (prompts) per iteration.", "positive": True})
     mini_batch_size: int = field(default=16, metadata={"help": "Rollouts per optimiser step in the update.", "positive": True})
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches per minibatch (memory: mini_batch_size / grad_accum rows per forward).", "positive": True})
-    micro_batch_tokens: int | None = field(default=MICRO_BATCH_TOKENS, metadata={"help": MICRO_BATCH_TOKENS_HELP})
+    # 256, not the 1024 of the pair-based backends: a PPO step of 16 rollouts x 32 tokens (4 epochs, 2 threads)
+    # peaks at 3328 MiB with 1024, 2575 with 512, 2020 with 256, at the same ~21 s a step (benchmarks/ppo_peer.py)
+    micro_batch_tokens: int | None = field(default=PPO_MICRO_BATCH_TOKENS, metadata={"help": MICRO_BATCH_TOKENS_HELP})
     ppo_epochs: int = field(default=4, metadata={"help": "Passes over each iteration's rollouts.", "positive": True})
     learning_rate: float = field(default=5e-4, metadata={"help": "AdamW learning rate (adapter + value head); the same LoRA rate as DPO.", "positive": True})
     lr_schedule: str = field(default="constant", metadata={"help": "'constant', or 'linear': the rate of iteration i is "
