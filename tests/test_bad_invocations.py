@@ -34,7 +34,7 @@ FILES = {
 
 # (arguments with {d} = the fixtures' folder, what the error line says, exit code)
 CASES = [
-    (["bench", "--preset", "nope"], "unknown preset 'nope'; choose from default, smoke", 1),
+    (["bench", "--preset", "nope"], "unknown preset 'nope'; choose from default, full, smoke", 1),
     (["bench", "--preset", "smoke", "--set", "nope.field=1"], "--set: unknown field 'nope' (known:", 1),
     (["bench", "--preset", "smoke", "--set", "ppo.kl_coef=abc"], "field 'ppo.kl_coef' expects float, got 'abc'", 1),
     (["bench", "--preset", "smoke", "--set", "data.k=1"], "data.k must be >= 2", 1),
