@@ -30,3 +30,20 @@ def micro(*extra: str):
     from prefopt.pipeline.config import load_config
 
     return load_config("smoke", None, (*MICRO, *extra))
+
+
+class Killed(Exception):
+    """What KilledAfter raises: the process "dies" there."""
+
+
+def killed_after(at: int):
+    """A StepCheckpoint class whose process "dies" right after writing step ``at``'s slot."""
+    from prefopt.backends.checkpoint import StepCheckpoint
+
+    class KilledAfter(StepCheckpoint):
+        def save(self, step, **kw):
+            super().save(step, **kw)
+            if step == at:
+                raise Killed
+
+    return KilledAfter

@@ -4,6 +4,7 @@ import logging
 
 import pytest
 import torch
+from conftest import Killed, killed_after
 
 from prefopt.backends import losses, ppo
 from prefopt.backends.checkpoint import StepCheckpoint
@@ -124,19 +125,6 @@ def test_negative_kl_warning(caplog):
     assert any("length drifted" in m for m in msgs)
 
 
-class _KilledAfter(StepCheckpoint):
-    """A checkpoint whose process "dies" right after writing step ``at``'s slot."""
-
-    def __init__(self, folder, at):
-        super().__init__(folder)
-        self.at = at
-
-    def save(self, step, **kw):
-        super().save(step, **kw)
-        if step == self.at:
-            raise KeyboardInterrupt
-
-
 def _run_ppo(tmp_path, steps, stop_after=None, resume=False):
     lm, tok = load_base("tiny", device=torch.device("cpu"), seed=0)
     shared = SharedBase(lm, tok, LoraSettings(r=4, alpha=8))
@@ -150,11 +138,11 @@ def _run_ppo(tmp_path, steps, stop_after=None, resume=False):
                         max_new_tokens=6, learning_rate=1e-2, kl_target=1.0, seed=3, reward="gold",
                         save_every=1, checkpoint_dir=str(tmp_path / "ckpt"))
     log = []
-    ckpt = _KilledAfter(cfg.checkpoint_dir, stop_after) if stop_after is not None else None
+    ckpt = killed_after(stop_after)(cfg.checkpoint_dir) if stop_after is not None else None
     try:
         ppo.train(shared, cfg, TrainData(prompts=prompts, score_fn=score_fn), on_step=lambda s, m: log.append((s, m)),
                   resume=resume, checkpoint=ckpt)
-    except KeyboardInterrupt:
+    except Killed:
         pass
     return log, shared.adapter_state("ppo")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MICRO
+from conftest import MICRO, Killed, killed_after
 
 from prefopt.backends import dpo, ppo, rloo, rm, sft
 from prefopt.backends._common import TrainData
@@ -23,23 +23,6 @@ from prefopt.backends.checkpoint import StepCheckpoint
 from prefopt.data.records import PreferencePair
 from prefopt.models.ops import encode_prompts
 from prefopt.models.shared import LoraSettings, SharedBase
-
-
-class Killed(Exception):
-    pass
-
-
-class KilledAfter(StepCheckpoint):
-    """A checkpoint whose process "dies" right after writing step ``at``'s slot."""
-
-    def __init__(self, folder, at):
-        super().__init__(folder)
-        self.at = at
-
-    def save(self, step, **kw):
-        super().save(step, **kw)
-        if step == self.at:
-            raise Killed
 
 
 def _pairs(n=10, seed=0):
@@ -95,7 +78,7 @@ def test_backend_resumed_after_any_step_ends_bit_for_bit_like_uninterrupted(tiny
     assert steps >= 4
     for kill_at in sorted({1, steps // 2 + 1, steps - 1}):  # early, mid-epoch / mid-round, last-but-one
         folder = tmp_path / f"at{kill_at}"
-        first, _ = _train(tiny, case, KilledAfter(folder, kill_at))
+        first, _ = _train(tiny, case, killed_after(kill_at)(folder))
         assert [s for s, _ in first] == list(range(1, kill_at + 1))
         rest, resumed = _train(tiny, case, StepCheckpoint(folder))
         assert [s for s, _ in rest] == list(range(kill_at + 1, steps + 1)), kill_at  # no step redone or skipped
