@@ -94,6 +94,12 @@ def minibatches(n: int, batch_size: int, rng: random.Random) -> list[list[int]]:
     return [idx[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
+def epoch_schedule(n: int, batch_size: int, epochs: int, rng: random.Random) -> list[tuple[int, list[int]]]:
+    """Every (epoch, minibatch) of an offline loop, drawn up front: a function of the seed alone, so a resumed
+    loop skips the steps it already took (``schedule[step:]``) and sees the same minibatches."""
+    return [(epoch, idx) for epoch in range(epochs) for idx in minibatches(n, batch_size, rng)]
+
+
 MICRO_BATCH_TOKENS = 1024
 MICRO_BATCH_TOKENS_HELP = ("Tokens (rows x padded length) per forward pass with gradients: a minibatch is split "
                            "into micro-batches of at most this many and their gradients summed, exactly the "

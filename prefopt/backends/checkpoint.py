@@ -142,7 +142,14 @@ class StepCheckpoint:
         return Saved(meta["step"], pick("weights/"), pick("tensors/"), meta["state"], meta["extra"],
                      {"state": opt_state, "param_groups": groups}, meta["scheduler"], meta["rngs"], flat.get("torch_rng"))
 
-    def clear(self) -> None:
-        self._loaded = None
-        shutil.rmtree(self.folder, ignore_errors=True)
 
+
+def resume(checkpoint: StepCheckpoint | None, shared, role: str, opt: torch.optim.Optimizer, sched=None,
+           rngs: dict[str, random.Random] | None = None) -> Saved | None:
+    """A loop's start: the newest checkpoint's weights put back into ``role``, and its optimizer, scheduler and
+    RNG states restored (None, and nothing touched, without one)."""
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        shared.load_adapter_state(role, saved.weights)
+        saved.restore(opt, sched, rngs)
+    return saved

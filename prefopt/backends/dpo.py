@@ -25,6 +25,7 @@ from prefopt.backends._common import (
     check_reward_source,
     dist_state,
     encode_pairs,
+    epoch_schedule,
     lr_scheduler,
     minibatches,
     no_op,
@@ -33,7 +34,7 @@ from prefopt.backends._common import (
     shard,
     sum_across,
 )
-from prefopt.backends.checkpoint import StepCheckpoint
+from prefopt.backends.checkpoint import StepCheckpoint, resume
 from prefopt.backends.losses import DPO_LOSS_TYPES, REFERENCE_FREE, dpo_loss
 from prefopt.models.ops import make_batch, response_logprobs
 from prefopt.models.shared import SharedBase
@@ -179,17 +180,12 @@ def train(
     opt = adamw(params, cfg.learning_rate)
     sched = lr_scheduler(opt, cfg.lr_schedule, total_steps(cfg, data))
     rng = random.Random(seed)
-    saved = checkpoint.load() if checkpoint is not None else None
-    if saved is not None:
-        shared.load_adapter_state(role, saved.weights)
-        saved.restore(opt, sched, {"rng": rng} if cfg.reward is not None else None)
+    saved = resume(checkpoint, shared, role, opt, sched, {"rng": rng} if cfg.reward is not None else None)
     if cfg.reward is not None:
         _train_online(shared, cfg, data, role, params, opt, sched, rng, seed, on_step, checkpoint, saved)
         return
     enc = encode_pairs(data.pairs, tok, cfg.max_prompt_tokens, cfg.max_response_tokens)
-    per_epoch = -(-len(enc) // cfg.batch_size)
-    # the schedule is a function of the seed: a resumed run skips the steps already taken
-    schedule = [idx for _ in range(cfg.epochs) for idx in minibatches(len(enc), cfg.batch_size, rng)]
+    schedule = epoch_schedule(len(enc), cfg.batch_size, cfg.epochs, rng)
     if saved is not None:  # the reference log-probs come with the checkpoint, not from another pass
         ref, step = (saved.tensors["ref_chosen"], saved.tensors["ref_rejected"]), saved.step
     else:
@@ -201,8 +197,8 @@ def train(
                             tensors={"ref_chosen": ref[0], "ref_rejected": ref[1]})
 
     with shared.role(role) as lm:
-        _steps(lm, cfg, enc, ref, params, opt, sched, list(enumerate(schedule))[step:], on_step, step,
-               lambda j: j // per_epoch, device, tok.pad_token_id, after=save)
+        _steps(lm, cfg, enc, ref, params, opt, sched, [(j, idx) for j, (_, idx) in enumerate(schedule)][step:], on_step,
+               step, lambda j: schedule[j][0], device, tok.pad_token_id, after=save)
 
 
 def _train_online(shared, cfg: DPOConfig, data: TrainData, role: str, params, opt, sched, rng, seed, on_step,

@@ -33,7 +33,7 @@ from prefopt.backends._common import (
     set_iteration_lr,
     sum_across,
 )
-from prefopt.backends.checkpoint import StepCheckpoint
+from prefopt.backends.checkpoint import StepCheckpoint, resume
 from prefopt.backends.losses import apply_eos_penalty, kl_per_token, rloo_advantages
 from prefopt.models.ops import gather_logprobs, hidden_states, logprob_stats, make_batch, response_logits, sample
 from prefopt.models.shared import SharedBase
@@ -97,10 +97,8 @@ def train(
     world, rank = dist.num_processes, dist.process_index
     order: list[int] = []
     start = 1
-    saved = checkpoint.load() if checkpoint is not None else None
+    saved = resume(checkpoint, shared, role, opt, rngs={"rng": rng})
     if saved is not None:
-        shared.load_adapter_state(role, saved.weights)
-        saved.restore(opt, rngs={"rng": rng})
         order, start = saved.state["order"], saved.step + 1
     for step in range(start, cfg.steps + 1):
         t0 = time.perf_counter()

@@ -24,12 +24,12 @@ from prefopt.backends._common import (
     check_config,
     dist_state,
     encode_pairs,
-    minibatches,
+    epoch_schedule,
     no_op,
     pair_micro_batches,
     pair_stats,
 )
-from prefopt.backends.checkpoint import StepCheckpoint
+from prefopt.backends.checkpoint import StepCheckpoint, resume
 from prefopt.backends.losses import bradley_terry_loss
 from prefopt.data.records import PreferencePair, Prompt
 from prefopt.models.ops import encode_prompts, encode_responses, hidden_states, last_token_hidden, make_batch
@@ -147,14 +147,10 @@ def train(
     params = shared.adapter_parameters(role)
     opt = adamw(params, cfg.learning_rate)
     rng = random.Random(seed)
-    schedule = [(epoch, idx) for epoch in range(cfg.epochs) for idx in minibatches(len(data), cfg.batch_size, rng)]
+    schedule = epoch_schedule(len(data), cfg.batch_size, cfg.epochs, rng)
     dist = dist_state()  # under `accelerate launch`: each rank takes a shard of every minibatch
-    step = 0
-    saved = checkpoint.load() if checkpoint is not None else None
-    if saved is not None:  # the schedule is a function of the seed: skip the steps already taken
-        shared.load_adapter_state(role, saved.weights)
-        saved.restore(opt)
-        step = saved.step
+    saved = resume(checkpoint, shared, role, opt)
+    step = saved.step if saved is not None else 0
     with shared.role(role) as lm:
         for epoch, idx in schedule[step:]:
             t0 = time.perf_counter()

@@ -26,14 +26,14 @@ from prefopt.backends._common import (
     adamw,
     check_config,
     dist_state,
+    epoch_schedule,
     lr_scheduler,
     micro_batches,
-    minibatches,
     no_op,
     shard,
     sum_across,
 )
-from prefopt.backends.checkpoint import StepCheckpoint
+from prefopt.backends.checkpoint import StepCheckpoint, resume
 from prefopt.backends.losses import masked_mean
 from prefopt.models.ops import encode_prompts, encode_responses, make_batch, response_logprobs
 from prefopt.models.shared import SharedBase
@@ -97,16 +97,12 @@ def train(
     opt = adamw(params, cfg.learning_rate)
     sched = lr_scheduler(opt, cfg.lr_schedule, total_steps(cfg, data))
     rng = random.Random(seed)
-    schedule = [idx for _ in range(cfg.epochs) for idx in minibatches(n, cfg.batch_size, rng)]
+    schedule = epoch_schedule(n, cfg.batch_size, cfg.epochs, rng)
     dist = dist_state()  # under `accelerate launch`: each rank takes a shard of every minibatch
-    step = 0
-    saved = checkpoint.load() if checkpoint is not None else None
-    if saved is not None:  # the schedule is a function of the seed: skip the steps already taken
-        shared.load_adapter_state(role, saved.weights)
-        saved.restore(opt, sched)
-        step = saved.step
+    saved = resume(checkpoint, shared, role, opt, sched)
+    step = saved.step if saved is not None else 0
     with shared.role(role) as lm:
-        for idx in schedule[step:]:
+        for _, idx in schedule[step:]:
             t0 = time.perf_counter()
             n_tokens = sum(len(response_ids[i]) for i in idx)
             nll = []

@@ -214,8 +214,8 @@ class RunFolder:
 
     @classmethod
     def scratch(cls, kind: str = "run") -> "RunFolder":
-        """A private folder that never becomes a result (:meth:`finish` removes it and returns None): the other
-        ranks of a multi-process run compute along with rank 0, which alone writes the run folder."""
+        """A private folder that never becomes a result (the caller aborts it instead of finishing): the
+        other ranks of a multi-process run compute along with rank 0, which alone writes the run folder."""
         import tempfile
 
         return cls(None, Path(tempfile.mkdtemp(prefix="prefopt-rank-")), kind, False)
@@ -234,9 +234,6 @@ class RunFolder:
 
     def finish(self, **marker: Any) -> Path:
         """Mark complete and rename into place; on any failure the staging folder is removed."""
-        if self.final is None:  # a scratch folder
-            self.abort()
-            return None
         try:
             (self.path / MARKER).write_text(dump_json(_marker(self.kind, complete=True, **marker)), encoding="utf-8")
             check_target(self.final, kind=self.kind, overwrite=self.overwrite)  # nothing appeared meanwhile
