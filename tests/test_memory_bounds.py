@@ -34,6 +34,9 @@ def test_chunked_head_equals_one_shot(tiny, monkeypatch):
         logits = ops.response_logits(lm, hidden, batch, 0.7)
         naive_lp = ops.gather_logprobs(logits, batch.response_ids)
         naive_ent = ops.entropy_from_logits(logits)
+        one = ops.logprob_stats(lm, hidden, batch, 0.7, entropy=True, full=True)  # one chunk: the same ops in place
+        for got, want in zip(one, (naive_lp, naive_ent, torch.log_softmax(logits, -1)), strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
         monkeypatch.setattr(ops, "LOGIT_POSITIONS", 10)  # 10 // 8 positions = 1 row per chunk
         lp, ent, full = ops.logprob_stats(lm, hidden, batch, 0.7, entropy=True, full=True)
         torch.testing.assert_close(lp, naive_lp)
@@ -172,3 +175,41 @@ def test_bounded_heap_fixes_the_glibc_mmap_threshold(monkeypatch):
     assert bound_heap() is True
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")  # the user's own setting wins
     assert bound_heap() is False
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_release_heap_returns_freed_heap_pages_to_the_os():
+    """What every micro-batch, sampling batch and PPO update calls: 256 MiB of small tensors freed under a block
+    that stays alive (so free() alone cannot shrink the heap) stay resident until release_heap()."""
+    from prefopt._alloc import release_heap
+
+    blocks = [torch.ones(8192) for _ in range(8192)]  # 32 KiB each: below any mmap threshold, on the heap
+    pin = torch.ones(8192)  # allocated after them: the heap's top stays in use
+    del blocks
+    before = _rss_mib()
+    release_heap()
+    after = _rss_mib()
+    assert before - after > 128, (before, after)
+    del pin
+
+
+def test_a_run_holds_one_copy_of_the_base_and_a_sweep_worker_keeps_one_more(tmp_path):
+    """``prefopt bench`` loads its own base and keeps no pristine copy (the weights are in memory once); inside
+    keep_bases (a sweep worker) each run gets a copy of one kept base, equal to a fresh load but not shared."""
+    from prefopt.pipeline import bench
+
+    dev = torch.device("cpu")
+    lm, _ = bench.base_model("tiny", dev)
+    assert bench._BASES == {}
+    with bench.keep_bases():
+        a, _ = bench.base_model("tiny", dev)
+        b, _ = bench.base_model("tiny", dev)
+        assert len(bench._BASES) == 1
+        for (n, p), q, r in zip(a.named_parameters(), b.parameters(), lm.parameters(), strict=True):
+            assert torch.equal(p, q) and torch.equal(p, r), n
+            assert p.data_ptr() != q.data_ptr()
+    assert bench._BASES == {}

@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 import torch
 from accelerate import PartialState
 
+from prefopt._alloc import release_heap
 from prefopt.data.records import PreferencePair
 from prefopt.models.ops import encode_prompts, encode_responses
 
@@ -100,7 +101,7 @@ def epoch_schedule(n: int, batch_size: int, epochs: int, rng: random.Random) -> 
     return [(epoch, idx) for epoch in range(epochs) for idx in minibatches(n, batch_size, rng)]
 
 
-MICRO_BATCH_TOKENS = 1024
+MICRO_BATCH_TOKENS = 256
 MICRO_BATCH_TOKENS_HELP = ("Tokens (rows x padded length) per forward pass with gradients: a minibatch is split "
                            "into micro-batches of at most this many and their gradients summed, exactly the "
                            "minibatch's gradient; peak memory is bounded by this, not by the data's lengths "
@@ -153,6 +154,7 @@ def accumulated_step(groups: Sequence[Sequence[int]], loss_of: Callable[[Sequenc
     opt.zero_grad(set_to_none=True)
     for group in groups:
         loss_of(group).backward()
+        release_heap()  # this group's activations are freed: their pages go back before the next group's
     reduce_grads(params, dist, reduction)
     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     opt.step()

@@ -21,6 +21,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import reduce as all_reduce
 
+from prefopt._alloc import release_heap
 from prefopt.backends._common import (
     LR_SCHEDULES,
     MICRO_BATCH_TOKENS_HELP,
@@ -78,7 +79,7 @@ REFUSED_ESTIMATORS = {
 }
 
 
-PPO_MICRO_BATCH_TOKENS = 256
+PPO_MICRO_BATCH_TOKENS = 128
 
 
 @dataclass
@@ -369,6 +370,7 @@ def train(
                 sum_across = (lambda t: all_reduce(t, reduction="sum")) if world > 1 else None
                 advantages, adv_scale = whiten_scaled(advantages, mask, sum_across=sum_across)
 
+        release_heap()  # the scoring passes' activations are freed: their pages go back before the update's
         # 5. update: ppo_epochs passes of minibatches, each accumulated over grad_accum micro-batches of at most
         #    micro_batch_tokens padded tokens
         stats: dict[str, list[float]] = {k: [] for k in ("loss", "pg", "vf", "clipfrac", "approx_kl", "vf_clipfrac")}

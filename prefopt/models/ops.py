@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 
+from prefopt._alloc import release_heap
 from prefopt.data.records import Prompt
 
 
@@ -119,16 +120,18 @@ def logprob_stats(lm, hidden: torch.Tensor, batch: SeqBatch, temperature: float 
     head, states, tokens = lm.get_output_embeddings(), response_hidden(hidden, batch), batch.response_ids
     rows = max(1, LOGIT_POSITIONS // max(tokens.shape[1], 1))
     logps, ents, fulls = [], [], []
-    for i in range(0, tokens.shape[0], rows):
-        logits = _head(head, states[i : i + rows]).float() / temperature
+    for i in range(0, tokens.shape[0], rows):  # in place where the same values allow: two (rows, R, V) tensors at most
+        logits = _head(head, states[i : i + rows]).float().div_(temperature)  # the head's output is this chunk's own
         logps.append(gather_logprobs(logits, tokens[i : i + rows]))
-        if entropy or full:
-            logp = torch.log_softmax(logits, dim=-1)
-            if entropy:
-                ents.append(-(logp.exp() * logp).sum(-1))
-            if full:
-                fulls.append(logp)
+        logp = torch.log_softmax(logits, dim=-1) if entropy or full else None
         del logits
+        if entropy:
+            plogp = logp.exp().mul_(logp)
+            ents.append(plogp.sum(-1).neg_())
+            del plogp
+        if full:
+            fulls.append(logp)
+        del logp
     cat = lambda xs: torch.cat(xs) if xs else None  # noqa: E731
     return cat(logps), cat(ents), cat(fulls)
 
@@ -301,6 +304,8 @@ def sample(
         for row in out[:, P:].tolist():
             cut = row.index(eos) + 1 if eos in row else len(row)
             responses.append(row[:cut])
+        del out
+        release_heap()  # the KV cache just freed: its pages go back before whatever runs next
         if on_batch is not None:
             on_batch(len(chunk))
     return responses

@@ -248,12 +248,33 @@ def checkpoint_steps(total: int, points: int) -> set[int]:
     return {s for s in (round(total * i / (points + 1)) for i in range(1, points + 1)) if 0 < s < total} | {total}
 
 
-_BASES: dict[tuple, tuple] = {}
+_BASES: dict[tuple, tuple] = {}  # the pristine base a process that runs many cells keeps (see keep_bases)
+
+
+@contextmanager
+def keep_bases():
+    """Within this block, :func:`base_model` keeps one pristine copy of the base in memory and hands each run a
+    copy of it: a sweep worker loads the base once for all its cells (about 20 s each for SmolLM2 from GGUF) at
+    the price of a second copy of the weights. Outside it a run loads its own base and no copy is kept, so a
+    single ``prefopt bench`` holds the weights once."""
+    global _KEEP
+    before, _KEEP = _KEEP, True
+    try:
+        yield
+    finally:
+        _KEEP = before
+        if not before:
+            _BASES.clear()
+
+
+_KEEP = False
 
 
 def base_model(spec: str, device: torch.device):
-    """The base (model, tokenizer), loaded once per process and copied per run (a sweep loads it once)."""
+    """The base (model, tokenizer) for one run: freshly loaded, or a copy of the one kept by :func:`keep_bases`."""
     key = (spec, str(device))
+    if not _KEEP:
+        return load_base(spec, device=device)
     if key not in _BASES:
         _BASES.clear()  # keep one pristine base in memory, not one per model ever used
         _BASES[key] = load_base(spec, device=device)

@@ -195,6 +195,7 @@ def run_sweep(spec: SweepSpec, out: str | os.PathLike, *, storage: str | None = 
     """Run cells until every cell of the sweep is complete (this worker and any others on the same storage)."""
     from rich.console import Console
 
+    from prefopt.pipeline.bench import keep_bases
     from prefopt.pipeline.bench import run as run_cell
 
     console = console or Console(stderr=True)
@@ -250,36 +251,37 @@ def run_sweep(spec: SweepSpec, out: str | os.PathLike, *, storage: str | None = 
         gold = next(r["mean"] for r in summary["summary"] if r["policy"] == cell.arm and r["metric"] == "eval/gold_reward")
         return float(gold)
 
-    said_waiting = False
-    while True:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            optuna.storages.fail_stale_trials(study)  # killed cells: failed and re-queued after the grace period
-        trials = study.get_trials(deepcopy=False)
-        complete = {cell_of(t) for t in trials if t.state == TS.COMPLETE}
-        if complete >= set(ids):
-            break
-        live = {cell_of(t) for t in trials if t.state in (TS.WAITING, TS.RUNNING)}
-        for cid in ids:  # cells whose trials all ended in an error (or were never queued): queue them again
-            if cid not in complete and cid not in live:
-                study.enqueue_trial({"cell": cid})
-        if study.get_trials(deepcopy=False, states=(TS.WAITING,)):
-            said_waiting = False
-            try:
-                study.optimize(objective, n_trials=1, catch=())
-            except ValueError as e:
-                # another worker settled this trial first (it looked stale while this process was starved of CPU
-                # and was failed or finished elsewhere); the cell's result is on disk either way: go on
-                if not str(e).startswith("Cannot tell a"):
-                    raise
-                console.log(f"a trial was settled by another worker ({e}); continuing")
-            continue
-        if not said_waiting:
-            running = sorted(c for c in live if c not in complete)
-            console.log(f"waiting for {len(running)} cell(s) running in other workers: {', '.join(running[:4])}"
-                        f"{' ...' if len(running) > 4 else ''}")
-            said_waiting = True
-        time.sleep(poll if poll is not None else min(heartbeat, 10))
+    with keep_bases():  # the cells this worker runs share one loaded base (each gets a copy)
+        said_waiting = False
+        while True:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                optuna.storages.fail_stale_trials(study)  # killed cells: failed and re-queued after the grace period
+            trials = study.get_trials(deepcopy=False)
+            complete = {cell_of(t) for t in trials if t.state == TS.COMPLETE}
+            if complete >= set(ids):
+                break
+            live = {cell_of(t) for t in trials if t.state in (TS.WAITING, TS.RUNNING)}
+            for cid in ids:  # cells whose trials all ended in an error (or were never queued): queue them again
+                if cid not in complete and cid not in live:
+                    study.enqueue_trial({"cell": cid})
+            if study.get_trials(deepcopy=False, states=(TS.WAITING,)):
+                said_waiting = False
+                try:
+                    study.optimize(objective, n_trials=1, catch=())
+                except ValueError as e:
+                    # another worker settled this trial first (it looked stale while this process was starved of CPU
+                    # and was failed or finished elsewhere); the cell's result is on disk either way: go on
+                    if not str(e).startswith("Cannot tell a"):
+                        raise
+                    console.log(f"a trial was settled by another worker ({e}); continuing")
+                continue
+            if not said_waiting:
+                running = sorted(c for c in live if c not in complete)
+                console.log(f"waiting for {len(running)} cell(s) running in other workers: {', '.join(running[:4])}"
+                            f"{' ...' if len(running) > 4 else ''}")
+                said_waiting = True
+            time.sleep(poll if poll is not None else min(heartbeat, 10))
     return SweepResult(out, ids, ran)
 
 
