@@ -101,7 +101,7 @@ def epoch_schedule(n: int, batch_size: int, epochs: int, rng: random.Random) -> 
     return [(epoch, idx) for epoch in range(epochs) for idx in minibatches(n, batch_size, rng)]
 
 
-MICRO_BATCH_TOKENS = 256
+MICRO_BATCH_TOKENS = 1024
 MICRO_BATCH_TOKENS_HELP = ("Tokens (rows x padded length) per forward pass with gradients: a minibatch is split "
                            "into micro-batches of at most this many and their gradients summed, exactly the "
                            "minibatch's gradient; peak memory is bounded by this, not by the data's lengths "
