@@ -183,16 +183,19 @@ def _rss_mib() -> float:
 
 
 def test_release_heap_returns_freed_heap_pages_to_the_os():
-    """What every micro-batch, sampling batch and PPO update calls: 256 MiB of small tensors freed under a block
-    that stays alive (so free() alone cannot shrink the heap) stay resident until release_heap()."""
-    from prefopt._alloc import release_heap
+    """What every micro-batch, sampling batch and PPO update calls with ``trim_heap`` on: 256 MiB of small tensors
+    freed under a block that stays alive (so free() alone cannot shrink the heap) stay resident until
+    release_heap()."""
+    from prefopt._alloc import release_heap, trim_heap
 
+    trim_heap(True)  # the config's trim_heap: off by default
     blocks = [torch.ones(8192) for _ in range(8192)]  # 32 KiB each: below any mmap threshold, on the heap
     pin = torch.ones(8192)  # allocated after them: the heap's top stays in use
     del blocks
     before = _rss_mib()
     release_heap()
     after = _rss_mib()
+    trim_heap(False)
     assert before - after > 128, (before, after)
     del pin
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from prefopt import config as C
-from prefopt._alloc import bound_heap
+from prefopt._alloc import bound_heap, trim_heap
 from prefopt.backends import BACKENDS
 from prefopt.backends import rm as rm_backend
 from prefopt.backends import sft as sft_backend
@@ -438,6 +438,7 @@ def _run(cfg: BenchConfig, inputs: Inputs, folder: RunFolder, stages: Stages, ev
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     if cfg.bounded_heap:  # before the base is loaded (process-wide: a sweep process keeps it)
         bound_heap()
+    trim_heap(cfg.trim_heap)  # process-wide switch, set by every run
     dist = dist_state()
     hits: list[str] = []
     resumed: list[str] = []  # what this start took from the progress of an earlier one
