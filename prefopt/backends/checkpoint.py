@@ -143,7 +143,6 @@ class StepCheckpoint:
                      {"state": opt_state, "param_groups": groups}, meta["scheduler"], meta["rngs"], flat.get("torch_rng"))
 
 
-
 def resume(checkpoint: StepCheckpoint | None, shared, role: str, opt: torch.optim.Optimizer, sched=None,
            rngs: dict[str, random.Random] | None = None) -> Saved | None:
     """A loop's start: the newest checkpoint's weights put back into ``role``, and its optimizer, scheduler and

@@ -249,6 +249,7 @@ def checkpoint_steps(total: int, points: int) -> set[int]:
 
 
 _BASES: dict[tuple, tuple] = {}  # the pristine base a process that runs many cells keeps (see keep_bases)
+_KEEP = False  # inside keep_bases()
 
 
 @contextmanager
@@ -265,9 +266,6 @@ def keep_bases():
         _KEEP = before
         if not before:
             _BASES.clear()
-
-
-_KEEP = False
 
 
 def base_model(spec: str, device: torch.device):
