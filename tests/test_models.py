@@ -257,3 +257,59 @@ def test_bounded_tokenisation_equals_the_naive_form():
             for n in (1, 7, 32, 64):
                 assert head_tokens(tok, text, n) == full[:n], (text[:40], n)
                 assert tail_tokens(tok, text, n) == full[-n:], (text[-40:], n)
+
+
+def test_column_major_weights_change_the_layout_not_the_model(tiny):
+    """The frozen base's 2-D weights are stored transposed-contiguous on CPU (fast GEMM for decoding's few rows):
+    same values, same Parameter objects (ties kept), same logits and samples; trainable weights untouched."""
+    import copy
+
+    from prefopt.models.shared import column_major_weights
+
+    lm, tok = tiny
+    row = copy.deepcopy(lm)
+    col = copy.deepcopy(lm)
+    tied = col.get_output_embeddings().weight is col.get_input_embeddings().weight
+    frozen = {n: p.detach().clone() for n, p in col.named_parameters()}
+    assert all(p.is_contiguous() for p in row.parameters())
+    n = column_major_weights(col)
+    assert n > 0
+    for name, p in col.named_parameters():
+        assert torch.equal(p, frozen[name]), name
+        if p.dim() == 2 and min(p.shape) > 1:
+            assert p.stride() == (1, p.shape[0]), name  # column-major
+    assert (col.get_output_embeddings().weight is col.get_input_embeddings().weight) == tied
+    assert column_major_weights(col) == 0  # idempotent: nothing left to convert
+    ids = torch.tensor([tok("the movie was great").input_ids] * 3)
+    with torch.no_grad():
+        assert torch.allclose(row(input_ids=ids).logits, col(input_ids=ids).logits, atol=1e-5, rtol=0)
+    prompts = encode_prompts(["one", "two", "three"], tok, 64)
+    assert sample(row, tok, prompts, max_new_tokens=8, seed=5) == sample(col, tok, prompts, max_new_tokens=8, seed=5)
+    shared = SharedBase(col, tok, LoraSettings(r=4, alpha=8))  # SharedBase converts the base it is given...
+    shared.add_role("dpo")
+    lora = [p for n, p in shared.peft.named_parameters() if "lora_" in n]
+    assert lora and all(p.requires_grad and p.is_contiguous() for p in lora)  # ...not the adapters
+
+
+def test_inverse_cdf_sampler_draws_softmax_and_never_a_zero_probability_token():
+    """The sampler behind `sample`: token frequencies of 200k draws match softmax(logits / T); a token of
+    probability 0 (-inf logit, or underflow) is never drawn, wherever it sits; greedy on its scores returns it."""
+    from prefopt.models.ops import InverseCDFSampler, draw_tokens, one_hot_scores
+
+    logits = torch.tensor([[float("-inf"), 0.0, 1.0, float("-inf"), 2.0, 0.5, float("-inf")]])
+    n = 200_000
+    for T in (1.0, 0.5):
+        g = torch.Generator().manual_seed(0)
+        drawn = draw_tokens(logits.expand(n, -1), T, generator=g)
+        freq = torch.bincount(drawn, minlength=logits.shape[1]).double() / n
+        p = torch.softmax(logits[0].double() / T, -1)
+        assert freq[[0, 3, 6]].sum() == 0
+        assert (freq - p).abs().max() < 0.005, (freq, p)  # 5 sigma of the largest p(1-p)/n is ~0.0056
+    scores = torch.randn(4, 9)
+    tokens = draw_tokens(scores, 1.0, generator=torch.Generator().manual_seed(1))
+    assert one_hot_scores(tokens, scores).argmax(-1).tolist() == tokens.tolist()
+    # a huge logit gap: every other token underflows to probability 0 in float64 and is never drawn
+    peaked = torch.tensor([[0.0, 900.0, 0.0]]).expand(1000, -1)
+    assert draw_tokens(peaked, 1.0, generator=torch.Generator().manual_seed(2)).eq(1).all()
+    with pytest.raises(ValueError, match="temperature"):
+        InverseCDFSampler(0.0)

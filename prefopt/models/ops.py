@@ -246,6 +246,42 @@ def encode_responses(texts: Sequence[str], tokenizer, max_tokens: int, *, add_eo
     return out
 
 
+class InverseCDFSampler:
+    """A logits processor that samples: each row's next token is drawn from softmax(scores / temperature) by
+    inverting its CDF with one uniform draw (float64 softmax and cumulative sum, ``searchsorted``), and every
+    other token's score is set to -inf, so generate's greedy step picks the drawn one.
+
+    The distribution is the one ``torch.multinomial`` samples, from one random number per row instead of one
+    per vocabulary entry: multinomial's ``exponential_`` over a (16, 49152) tensor took 29-31 ms on this CPU
+    (2 threads) against 3.5 ms for the inverse CDF, 13% of a 16 x 32-token generation with SmolLM2-135M.
+    Draws come from torch's global generator (``sample`` seeds it per batch). Tested: its frequencies match
+    softmax(logits / T) (tests/test_ppo.py) and a zero-probability token is never drawn (tests/test_models.py).
+    """
+
+    def __init__(self, temperature: float = 1.0):
+        if not temperature > 0:
+            raise ValueError(f"sampling temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return one_hot_scores(draw_tokens(scores, self.temperature), scores)
+
+
+def draw_tokens(scores: torch.Tensor, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B,) tokens, row b drawn from softmax(scores[b] / temperature) by inverse CDF (one uniform per row)."""
+    cdf = torch.softmax(scores.double() / temperature, dim=-1).cumsum_(-1)
+    u = torch.rand(scores.shape[0], 1, dtype=torch.float64, device=scores.device, generator=generator)
+    # scaling by the last entry makes the CDF end exactly at the total; right=True skips tokens of probability 0
+    # (their CDF equals their predecessor's), and clamping covers u * total rounding onto the total itself
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=scores.shape[-1] - 1).squeeze(-1)
+
+
+def one_hot_scores(tokens: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Scores that are 0 at each row's token and -inf elsewhere (what greedy decoding turns back into it)."""
+    out = torch.full_like(scores, float("-inf"))
+    return out.scatter_(1, tokens.unsqueeze(-1), 0.0)
+
+
 @torch.no_grad()
 def sample(
     lm,
@@ -277,17 +313,20 @@ def sample(
             mine.append((j, sample(lm, tokenizer, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
                                    seed=seed + j, batch_size=batch_size, on_batch=on_batch)))
         return [r for _, part in sorted(gather_object(mine)) for r in part]
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LogitsProcessorList
 
+    # decoding is greedy on what InverseCDFSampler leaves: exactly one token per row, drawn from
+    # softmax(logits / temperature) (the sampler, not generate's multinomial; see its docstring)
     gen_cfg = GenerationConfig(
-        do_sample=True,
-        temperature=temperature,
-        top_k=0,
-        top_p=1.0,
+        do_sample=False,
+        temperature=None,
+        top_k=None,
+        top_p=None,
         max_new_tokens=max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
+    processors = LogitsProcessorList([InverseCDFSampler(temperature)])
     device = next(lm.parameters()).device
     eos = tokenizer.eos_token_id
     responses: list[list[int]] = []
@@ -300,7 +339,8 @@ def sample(
             ids[i, P - len(p) :] = torch.tensor(p)
             attn[i, P - len(p) :] = 1
         torch.manual_seed(seed + j)
-        out = lm.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gen_cfg)
+        out = lm.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gen_cfg,
+                          logits_processor=processors)
         for row in out[:, P:].tolist():
             cut = row.index(eos) + 1 if eos in row else len(row)
             responses.append(row[:cut])
