@@ -143,3 +143,49 @@ def test_harness_self_win_rate_is_half_and_reference_kl_is_zero(tiny):
     assert rows[("reference", "eval/kl_to_ref")]["mean"] == 0.0 and rows[("reference", "eval/kl_to_ref")]["hi"] == 0.0
     assert rows[("one", "eval/kl_to_ref")]["mean"] != 0.0
     assert result.n_held_out_pairs > 0 and ("one", "eval/implicit_reward_accuracy") in rows
+
+
+def test_an_evaluation_continued_from_its_stored_policies_equals_one_run_through(tiny, tmp_path):
+    """A kill during the evaluation: the policies already stored (JSON in the progress folder) are taken back,
+    not sampled again, and the result equals an evaluation run through in one go -- summary and samples."""
+    from prefopt.data.judges import CharFrequencyJudge
+    from prefopt.data.tasks import sentiment_prompts
+    from prefopt.eval import harness
+    from prefopt.models.shared import LoraSettings, SharedBase
+    from prefopt.pipeline.resume import EvalSamples
+
+    lm, tok = tiny
+    shared = SharedBase(lm, tok, LoraSettings(r=4, alpha=8))
+    for role in ("a", "b"):
+        shared.add_role(role, seed=1 if role == "a" else 2)
+    with torch.no_grad():
+        for n, p in shared.peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    policies, prompts = {"reference": None, "a": "a", "b": "b"}, sentiment_prompts()[:12]
+    cfg = harness.EvalConfig(max_new_tokens=6, batch_size=8, held_out_pairs=True)
+    proxy = lambda p, r: torch.tensor([float(len(x)) for x in r])  # noqa: E731
+    whole = harness.evaluate(shared, policies, prompts, CharFrequencyJudge(), cfg, proxies={"a": proxy})
+
+    seen = []
+    store = EvalSamples(tmp_path / "eval", True, on_put=seen.append)
+    first = harness.evaluate(shared, {"reference": None, "a": "a"}, prompts, CharFrequencyJudge(), cfg,
+                             proxies={"a": proxy}, store=store)  # "killed" after two of the three policies
+    assert seen == ["reference", "a"] and first.summary != whole.summary
+    restored, sampled = [], []
+    real = harness.evaluate_policy
+
+    def counting(shared_, role, *a, **k):
+        sampled.append(role)
+        return real(shared_, role, *a, **k)
+
+    harness.evaluate_policy = counting
+    try:
+        again = harness.evaluate(shared, policies, prompts, CharFrequencyJudge(), cfg, proxies={"a": proxy},
+                                 store=EvalSamples(tmp_path / "eval", True, on_restore=restored.append))
+    finally:
+        harness.evaluate_policy = real
+    assert restored == ["reference", "a"] and sampled == ["b"]  # only the policy left is evaluated
+    assert again.summary == whole.summary and again.samples == whole.samples
+    (tmp_path / "eval" / "b.json").write_text('{"responses": [[1, 2')  # torn by a kill while writing: redone
+    assert EvalSamples(tmp_path / "eval", True).get("b") is None

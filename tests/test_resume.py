@@ -132,8 +132,9 @@ def test_killed_run_continues_where_it_was_and_ends_like_an_uninterrupted_one(tm
     assert rc == 0, log[-3000:]
     want = _results(tmp_path / "whole")
     out = tmp_path / "killed"
-    # SIGKILL mid reward model, mid PPO (after a path evaluation), mid DPO, and after the last policy (evaluation)
-    points = ["reward model 2/", "ppo 3/", "dpo 2/", r"dpo: [\d.]+s"]
+    # SIGKILL mid reward model, mid PPO (after a path evaluation), mid DPO, after the last policy, and (bench: train
+    # does not evaluate) in the evaluation once two of its three policies (reference, ppo, dpo) are evaluated
+    points = ["reward model 2/", "ppo 3/", "dpo 2/", r"dpo: [\d.]+s"] + (["eval: ppo evaluated"] if command == "bench" else [])
     logs = []
     for trigger in points:
         rc, log = _run_until(_bench(out, command), trigger, tmp_path)
@@ -152,6 +153,9 @@ def test_killed_run_continues_where_it_was_and_ends_like_an_uninterrupted_one(tm
     assert "dpo 1/" not in logs[3]
     # killed as DPO ended (its last step saved, perhaps not yet recorded as done): no DPO step is taken again
     assert "ppo: finished before the restart" in logs[4] and not re.search(r"(dpo|ppo|reward model) \d+/", logs[4])
+    if command == "bench":  # killed in the evaluation: the policies evaluated before are not evaluated again
+        assert "eval: reference evaluated before the restart" in logs[5] and "eval: ppo evaluated before the restart" in logs[5]
+        assert "eval: dpo evaluated" in logs[5] and not re.search("eval: (reference|ppo) evaluated(?! before)", logs[5])
     assert _results(out) == want
     assert not (tmp_path / "killed.resume").exists()  # the complete run leaves no progress behind
     assert json.loads((out / "summary.json").read_text())["meta"]["resumed"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -117,6 +117,26 @@ class PolicySamples:
     kl: np.ndarray
     proxy: np.ndarray | None = None
 
+    def to_json(self) -> dict:
+        """Plain JSON (floats in repr, so float64 values come back exactly)."""
+        return {"responses": self.responses, "texts": self.texts, "gold": self.gold.tolist(), "kl": self.kl.tolist(),
+                "proxy": None if self.proxy is None else self.proxy.tolist()}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "PolicySamples":
+        f64 = lambda x: np.asarray(x, dtype=np.float64)  # noqa: E731
+        return cls([list(r) for r in doc["responses"]], list(doc["texts"]), f64(doc["gold"]), f64(doc["kl"]),
+                   None if doc["proxy"] is None else f64(doc["proxy"]))
+
+
+class SampleStore(Protocol):
+    """Where :func:`evaluate` keeps each policy's samples as it finishes them (a run's progress folder), so an
+    evaluation stopped part-way evaluates only the policies it had not finished."""
+
+    def get(self, name: str) -> PolicySamples | None: ...
+
+    def put(self, name: str, samples: PolicySamples) -> None: ...
+
 
 BON_SEED_OFFSET = 7_919  # candidate j of best-of-n is sampled with eval seed + j * offset (candidate 0: the reference's)
 
@@ -209,12 +229,16 @@ def evaluate(
     proxies: Mapping[str, ProxyFn] | None = None,
     on_progress: Callable[[str, int], None] | None = None,
     dist=None,
+    store: SampleStore | None = None,
 ) -> EvalResult:
     """Evaluate ``policies`` (display name -> adapter role, None = the reference) on held-out ``prompts``.
     ``dist`` (accelerate's state): several processes share the sampling, every rank gets the whole result.
 
     ``proxies`` maps a policy name to the reward model that scores it (its own run's); the reference is scored by
     each distinct proxy so every gold-proxy gap is standardised against the reference under the same proxy.
+
+    ``store`` keeps each policy's samples as they are finished and hands back the ones it has: every policy is
+    sampled with the same fixed seeds whatever ran before it, so skipping the stored ones changes nothing.
     """
     if REFERENCE not in policies or policies[REFERENCE] is not None:
         raise ValueError("policies must include the reference (role None) to compute win rates and KL")
@@ -225,8 +249,16 @@ def evaluate(
     done: dict[str, PolicySamples] = {}
     for name, role in policies.items():
         cb = (lambda k, name=name: on_progress(name, k)) if on_progress else None
+        got = store.get(name) if store is not None else None
+        if got is not None and len(got.responses) == len(prompt_ids):
+            done[name] = got
+            if cb is not None:
+                cb(len(prompt_ids))
+            continue
         done[name] = evaluate_policy(shared, role, prompt_ids, prompt_texts, judge, cfg, proxy=proxies.get(name),
                                      on_batch=cb, dist=dist)
+        if store is not None:
+            store.put(name, done[name])
     ref = done[REFERENCE]
     # the reference under every distinct proxy (for the standardised gold-proxy gap)
     ref_proxy: dict[int, np.ndarray] = {}

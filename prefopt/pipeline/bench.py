@@ -522,7 +522,6 @@ def _run(cfg: BenchConfig, inputs: Inputs, folder: RunFolder, stages: Stages, ev
         rm.save(folder.path / "rm")
     annotators = _annotators(train_pairs, rm, stages)
 
-
     # 4. every policy on the same base, data and reward sources; evaluations along the way draw its path
     path_rows: list[dict] = []
     path_prompts = inputs.eval[: cfg.eval.path_prompts]
@@ -578,10 +577,13 @@ def _run(cfg: BenchConfig, inputs: Inputs, folder: RunFolder, stages: Stages, ev
     n_pairs_eval = 0
     if evaluate_policies:
         policies = {REFERENCE: None, **{name: samplers.get(name, pol.role) for name, pol in inputs.policies.items()}}
+        say = lambda text: stages.console.log(text, highlight=False, markup=False)  # noqa: E731
+        store = progress.eval_store(on_restore=lambda name: say(f"eval: {name} evaluated before the restart"),
+                                    on_put=lambda name: say(f"eval: {name} evaluated"))
         with stages.stage("eval", total=len(inputs.eval) * len(policies)) as adv:
             result = evaluate(shared, policies, inputs.eval, inputs.judge, cfg.eval,
                               proxies={n: proxy for n in policies} if proxy else None,
-                              on_progress=lambda name, k: adv(k), dist=dist)
+                              on_progress=lambda name, k: adv(k), dist=dist, store=store)
         summary, samples, n_pairs_eval = result.summary, result.samples, result.n_held_out_pairs
 
     # 6. report (atomic: the folder appears only now, complete)

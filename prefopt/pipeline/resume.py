@@ -9,6 +9,7 @@
     train/<stage>/  the step checkpoint of a training stage in progress (prefopt.backends.checkpoint), with the
                     stage's metrics rows and path evaluations so far
     done/<stage>/   a finished policy: its adapter folder and rows.json (metrics rows, path rows)
+    eval/<policy>.json  a policy's evaluation samples and scores, written as each policy's evaluation ends
 
 Started again with the same command after a kill (SIGKILL, power loss, Ctrl-C), a run finds its progress by the
 fingerprint, takes finished stages from it and continues a training stage after its last saved step; on CPU with the
@@ -182,6 +183,12 @@ class Progress:
         os.replace(tmp, final)
         shutil.rmtree(self.folder / "train" / stage, ignore_errors=True)
 
+    def eval_store(self, on_restore: Callable[[str], None] | None = None,
+                   on_put: Callable[[str], None] | None = None) -> "EvalSamples":
+        """The evaluation's per-policy samples (``on_restore(name)`` is called for each one found, ``on_put(name)``
+        for each one stored)."""
+        return EvalSamples(self.folder / "eval", self.writer, on_restore, on_put)
+
     # ------------------------------------------------------------------------------------------ the end
     def remove(self) -> None:
         """The run is complete (or cannot continue as configured): drop the progress and the lock."""
@@ -195,6 +202,34 @@ class Progress:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+
+class EvalSamples:
+    """A :class:`prefopt.eval.harness.SampleStore` in the progress folder: one JSON file per evaluated policy
+    (responses as token ids, texts, per-sample gold / KL / proxy scores; floats exact), written atomically."""
+
+    def __init__(self, folder: Path, writer: bool, on_restore: Callable[[str], None] | None = None,
+                 on_put: Callable[[str], None] | None = None):
+        self.folder, self.writer, self.on_restore, self.on_put = folder, writer, on_restore, on_put
+
+    def get(self, name: str):
+        from prefopt.eval.harness import PolicySamples
+
+        path = self.folder / f"{name}.json"
+        try:
+            samples = PolicySamples.from_json(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, KeyError, TypeError):  # absent, or torn by a kill: evaluate it again
+            return None
+        if self.on_restore is not None:
+            self.on_restore(name)
+        return samples
+
+    def put(self, name: str, samples) -> None:
+        if self.writer:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            _write_json(self.folder / f"{name}.json", samples.to_json())
+        if self.on_put is not None:
+            self.on_put(name)
 
 
 def _write_json(path: Path, obj: Any) -> None:
