@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 import torch
@@ -7,6 +8,8 @@ import torch
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# converted GGUF bases go to a folder of this test session, never the user's ~/.cache
+os.environ["PREFOPT_BASE_CACHE"] = tempfile.mkdtemp(prefix="prefopt-test-bases-")
 
 
 @pytest.fixture

@@ -313,3 +313,33 @@ def test_inverse_cdf_sampler_draws_softmax_and_never_a_zero_probability_token():
     assert draw_tokens(peaked, 1.0, generator=torch.Generator().manual_seed(2)).eq(1).all()
     with pytest.raises(ValueError, match="temperature"):
         InverseCDFSampler(0.0)
+
+
+def test_a_converted_gguf_base_is_kept_and_loads_back_as_the_same_model(tmp_path, monkeypatch):
+    """The first load of a GGUF base converts it and keeps the result; the next loads read that folder: the same
+    weights (bit for bit, ties kept), the same tokenizer (ids, special tokens, chat template), the same logits."""
+    from prefopt.models.base import converted_base_dir, load_base, load_tokenizer, resolve_model
+
+    monkeypatch.setenv("PREFOPT_BASE_CACHE", str(tmp_path / "bases"))
+    spec, cpu = "smollm2-135m-instruct", torch.device("cpu")
+    folder = converted_base_dir(resolve_model(spec))
+    assert folder.parent == tmp_path / "bases" and not folder.exists()
+    gguf_lm, gguf_tok = load_base(spec, device=cpu)
+    assert (folder / "prefopt-source.json").is_file() and not list(folder.parent.glob("*.tmp-*"))
+    lm, tok = load_base(spec, device=cpu)  # from the folder
+    a, b = gguf_lm.state_dict(), lm.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
+    ids = torch.tensor([gguf_tok("The movie was").input_ids])
+    with torch.no_grad():
+        assert torch.equal(gguf_lm(input_ids=ids).logits, lm(input_ids=ids).logits)
+    texts = ["Hello world", "The movie was", "über naïve 日本語 😀", "<|im_start|>user\nhi<|im_end|>", "  \n\n x"]
+    chat = [{"role": "user", "content": "Write a review."}]
+    for t in (tok, load_tokenizer(spec)):
+        assert [t(x).input_ids for x in texts] == [gguf_tok(x).input_ids for x in texts]
+        assert t.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+            gguf_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        assert (t.eos_token_id, t.pad_token_id, t.bos_token_id, t.padding_side, len(t)) == \
+            (gguf_tok.eos_token_id, gguf_tok.pad_token_id, gguf_tok.bos_token_id, "left", len(gguf_tok))
+    monkeypatch.setenv("PREFOPT_BASE_CACHE", "off")
+    assert converted_base_dir(resolve_model(spec)) is None
