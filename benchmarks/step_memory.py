@@ -8,7 +8,9 @@ the achieved model FLOP rate of the steps (2 x non-embedding params x tokens for
 activation gradients; LM head counted on response positions) and, measured in the same process, this CPU's fp32
 GEMM rate. A budget with ``+ckpt`` (e.g. ``1024+ckpt``) also recomputes each decoder layer's activations in the
 backward pass (``checkpoint_activations``; the FLOP rate counts the model's FLOPs, not the recomputation); with
-``+heap`` the child fixes glibc's mmap threshold first (``bounded_heap``, ``prefopt/_alloc.py``). Usage:
+``+heap`` the child fixes glibc's mmap threshold first (``bounded_heap``, ``prefopt/_alloc.py``); with ``+trim`` it
+returns the heap's free pages to the OS after every micro-batch's backward pass (``trim_heap``). Suffixes combine
+(``384+ckpt+trim``). Usage:
 
     python benchmarks/step_memory.py --out results/step_memory.json
     python benchmarks/step_memory.py --model tiny --steps 2 --out /tmp/s.json   # quick check
@@ -71,11 +73,16 @@ def run_child(stage: str, budget: str, model: str, steps: int, threads: int, pro
     lm, tok = load_base(model, device=torch.device("cpu"), seed=0)
     bounded = "+heap" in budget  # the config's bounded_heap: a fixed glibc mmap threshold
     recompute = "+ckpt" in budget
+    trimmed = "+trim" in budget  # the config's trim_heap: malloc_trim after every micro-batch's backward pass
     budget = budget.split("+")[0]
     if bounded:
         from prefopt._alloc import bound_heap
 
         bound_heap()
+    if trimmed:
+        from prefopt._alloc import trim_heap
+
+        trim_heap(True)
     shared = SharedBase(lm, tok, LoraSettings(), checkpoint_activations=recompute)
     rng = random.Random(0)
     vocab = list(range(min(200, tok.vocab_size // 4), min(tok.vocab_size, 20000)))
@@ -107,7 +114,7 @@ def run_child(stage: str, budget: str, model: str, steps: int, threads: int, pro
     after = times[1:] or times
     s = sum(after) / len(after)
     return {"stage": stage, "micro_batch_tokens": micro, "checkpoint_activations": recompute,
-            "bounded_heap": bounded, "model": model, "threads": threads, "steps": steps,
+            "bounded_heap": bounded, "trim_heap": trimmed, "model": model, "threads": threads, "steps": steps,
             "pairs_per_step": batch, "prompt_tokens": prompt_tokens, "response_tokens": response_tokens,
             "rss_base_mib": base_rss, "peak_rss_mib": peak, "s_per_step": s, "step_times_s": times,
             "model_gflop_per_step": flops / 1e9, "achieved_gflops": flops / s / 1e9,
