@@ -249,4 +249,21 @@ def load_base(spec: str, *, device: torch.device | None = None, seed: int = 0):
     lm.to(device)
     lm.requires_grad_(False)
     lm.eval()
+    if device.type == "cpu" and spec != "tiny":
+        _own_memory(lm)
     return lm, tok
+
+
+def _own_memory(lm) -> None:
+    """Copy every weight once into the process's own memory, the 2-D ones straight into the column-major layout
+    the shared base uses on CPU. ``from_pretrained`` reads safetensors through a memory map and keeps it: once
+    the weights are touched or re-laid out, the file's pages stay resident beside the copies. Measured for
+    SmolLM2-135M from the converted-base folder: RSS 1457 MiB with the map kept (636 MiB of it file pages),
+    941 MiB with every tensor copied once; copying twice (a clone, then the re-layout) left 1168 MiB, the freed
+    first copies fragmenting the heap."""
+    from prefopt.models.shared import column_major_weights
+
+    column_major_weights(lm)
+    for t in [*lm.parameters(), *lm.buffers()]:
+        if t.is_contiguous():  # not re-laid out (1-D norms, buffers): still the file's memory
+            t.data = t.data.clone()
