@@ -94,9 +94,12 @@ def test_accelerate_launch_runs_the_whole_bench_on_two_processes(tmp_path):
     assert (tmp_path / "one" / "pairs.jsonl").read_bytes() == (tmp_path / "two" / "pairs.jsonl").read_bytes()
     rows = lambda doc, pol: {r["metric"]: r for r in doc["summary"] if r["policy"] == pol}  # noqa: E731
     ref_a, ref_b = rows(a, "reference"), rows(b, "reference")
-    exact = [m for m in ref_a if "proxy" not in m]  # proxy metrics: the reward model's steps differ by rounding
+    # the reference's own samples are exact; its win rates against a trained policy follow that policy, whose samples
+    # agree with one process's only within noise (checked below, as the policy's win rate against the reference)
+    own = [m for m in ref_a if not m.startswith("eval/win_rate_vs_") or m == "eval/win_rate_vs_ref"]
+    exact = [m for m in own if "proxy" not in m]  # proxy metrics: the reward model's steps differ by rounding
     assert len(exact) >= 6 and {m: ref_a[m] for m in exact} == {m: ref_b[m] for m in exact}
-    for m in set(ref_a) - set(exact):
+    for m in set(own) - set(exact):
         assert ref_a[m]["mean"] == pytest.approx(ref_b[m]["mean"], rel=1e-3, abs=1e-3), m
     for pol in ("ppo", "dpo"):
         for metric in ("eval/gold_reward", "eval/win_rate_vs_ref"):

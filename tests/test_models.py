@@ -341,5 +341,11 @@ def test_a_converted_gguf_base_is_kept_and_loads_back_as_the_same_model(tmp_path
             gguf_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
         assert (t.eos_token_id, t.pad_token_id, t.bos_token_id, t.padding_side, len(t)) == \
             (gguf_tok.eos_token_id, gguf_tok.pad_token_id, gguf_tok.bos_token_id, "left", len(gguf_tok))
+    # a kept folder that cannot be read (a disk error, a hand edit) is a warning: the GGUF is converted again
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.warns(UserWarning, match="could not be read"):
+        again, _ = load_base(spec, device=cpu)
+    assert all(torch.equal(a[k], again.state_dict()[k]) for k in a)
+    assert (folder / "prefopt-source.json").is_file() and (folder / "model.safetensors").stat().st_size > 10**8
     monkeypatch.setenv("PREFOPT_BASE_CACHE", "off")
     assert converted_base_dir(resolve_model(spec)) is None

@@ -155,13 +155,27 @@ def converted_base_dir(src: ModelSource) -> Path | None:
     except OSError:
         return None
     key = json.dumps([str(f.resolve()), st.st_size, st.st_mtime_ns, transformers.__version__, BASE_CACHE_FORMAT])
-    base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "prefopt" / "bases"
+    try:
+        base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "prefopt" / "bases"
+    except RuntimeError:  # no home directory to put it in
+        return None
     return base / f"{Path(src.gguf_file).stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-def _converted(src: ModelSource) -> Path | None:
+def _from_converted(src: ModelSource, load, **kwargs):
+    """``load`` (a ``from_pretrained``) on the kept conversion of a GGUF base; None when there is none, or when it
+    cannot be read (then the GGUF is loaded again, and the unreadable folder replaced)."""
     folder = converted_base_dir(src)
-    return folder if folder is not None and (folder / _DONE).is_file() else None
+    if folder is None or not (folder / _DONE).is_file():
+        return None
+    try:
+        return load(str(folder), **kwargs)
+    except Exception as e:  # noqa: BLE001 -- whatever broke the kept copy (safetensors raises its own type), the GGUF is the source
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        warnings.warn(f"the converted base in {folder} could not be read ({first}): converting the GGUF again",
+                      stacklevel=3)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
 
 
 def _save_plain(lm, folder: Path) -> None:
@@ -217,10 +231,11 @@ def load_tokenizer(spec: str):
 
     hf_logging.disable_progress_bar()  # prefopt shows its own stage progress; tqdm bars flood logs
     src = resolve_model(spec)
-    converted = _converted(src)
-    kwargs = {"gguf_file": src.gguf_file} if src.gguf_file and converted is None else {}
-    with _load_errors(spec):
-        tok = AutoTokenizer.from_pretrained(str(converted or src.path), **kwargs)
+    tok = _from_converted(src, AutoTokenizer.from_pretrained)
+    if tok is None:
+        kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+        with _load_errors(spec):
+            tok = AutoTokenizer.from_pretrained(src.path, **kwargs)
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -240,12 +255,13 @@ def load_base(spec: str, *, device: torch.device | None = None, seed: int = 0):
         from transformers import AutoModelForCausalLM
 
         src = resolve_model(spec)
-        converted = _converted(src)
-        kwargs = {"gguf_file": src.gguf_file} if src.gguf_file and converted is None else {}
-        with _load_errors(spec):
-            lm = AutoModelForCausalLM.from_pretrained(str(converted or src.path), dtype=pick_dtype(device), **kwargs)
-        if src.gguf_file and converted is None:
-            _keep_converted(src, lm, tok)
+        lm = _from_converted(src, AutoModelForCausalLM.from_pretrained, dtype=pick_dtype(device))
+        if lm is None:
+            kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+            with _load_errors(spec):
+                lm = AutoModelForCausalLM.from_pretrained(src.path, dtype=pick_dtype(device), **kwargs)
+            if src.gguf_file:
+                _keep_converted(src, lm, tok)
     lm.to(device)
     lm.requires_grad_(False)
     lm.eval()
@@ -259,7 +275,7 @@ def _own_memory(lm) -> None:
     the shared base uses on CPU. ``from_pretrained`` reads safetensors through a memory map and keeps it: once
     the weights are touched or re-laid out, the file's pages stay resident beside the copies. Measured for
     SmolLM2-135M from the converted-base folder: RSS 1457 MiB with the map kept (636 MiB of it file pages),
-    941 MiB with every tensor copied once; copying twice (a clone, then the re-layout) left 1168 MiB, the freed
+    932 MiB with every tensor copied once; copying twice (a clone, then the re-layout) left 1168 MiB, the freed
     first copies fragmenting the heap."""
     from prefopt.models.shared import column_major_weights
 
