@@ -123,12 +123,17 @@ def tiny_causal_lm(vocab_size: int, *, seed: int = 0, hidden: int = 64, layers: 
     return LlamaForCausalLM(config)
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 @contextlib.contextmanager
 def _load_errors(spec: str):
     try:
         yield
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = _first_line(e)
         raise ModelError(
             f"could not load model '{spec}' ({first}): give a local path, a .gguf file, "
             f"an alias ({', '.join(ALIASES)}), or a hub id with internet access"
@@ -171,7 +176,7 @@ def _from_converted(src: ModelSource, load, **kwargs):
     try:
         return load(str(folder), **kwargs)
     except Exception as e:  # noqa: BLE001 -- whatever broke the kept copy (safetensors raises its own type), the GGUF is the source
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = _first_line(e)
         warnings.warn(f"the converted base in {folder} could not be read ({first}): converting the GGUF again",
                       stacklevel=3)
         shutil.rmtree(folder, ignore_errors=True)
