@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+# torchrun's rendezvous port (29500) is one per machine: these tests run one after another, on one xdist worker
+pytestmark = pytest.mark.xdist_group("torchrun")
+
 
 def test_two_process_ppo_ranks_stay_in_sync(tmp_path):
     script = Path(__file__).with_name("_dist_ppo.py")
