@@ -6,10 +6,10 @@ from a config with a character tokenizer: what tests and ``--preset smoke`` use,
 
 A GGUF base is converted once per machine: transformers parses the file three times (config, tokenizer,
 weights), walking the 49k-entry vocabulary field by field, and dequantizes it -- 35 s for SmolLM2-135M on a
-2-core AVX2 CPU; with one parse for all three (``_gguf_parsed_once``) 12-14 s. The converted model and tokenizer are kept as a plain Hugging Face folder (safetensors,
-fp32, ~540 MB for SmolLM2-135M) under ``$PREFOPT_BASE_CACHE`` (default ``~/.cache/prefopt/bases``; ``off``
-turns it off), keyed by the file's path, size and modification time and the transformers version; later runs
-load that folder instead. The weights are the same floats, the tokenizer the same (tests/test_models.py).
+2-core AVX2 CPU; with one parse for all three (``_gguf_parsed_once``) 12-14 s. The converted model and
+tokenizer are kept as a plain Hugging Face folder (safetensors, fp32, ~540 MB for SmolLM2-135M) under
+``$PREFOPT_BASE_CACHE`` (default ``~/.cache/prefopt/bases``; ``off`` turns it off), keyed by the file's path,
+size and modification time and the transformers version; later runs load that folder instead. The weights are the same floats, the tokenizer the same (tests/test_models.py).
 """
 
 from __future__ import annotations
@@ -182,6 +182,9 @@ def _gguf_parsed_once():
     except ImportError:  # no GGUF support at all: transformers says so itself
         yield
         return
+    if getattr(gguf.GGUFReader, "parsed_once", False):  # inside an outer one (load_base around load_tokenizer)
+        yield
+        return
     reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
     readers: dict = {}
 
@@ -191,6 +194,7 @@ def _gguf_parsed_once():
             readers[key] = reader_cls(path, mode)
         return readers[key]
 
+    reader.parsed_once = True
     gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
     try:
         yield
