@@ -114,8 +114,9 @@ def _start_cmd(sweep, out):
 
 def test_two_workers_share_a_sweep_without_duplicates(tmp_path):
     sweep, out = _write(tmp_path), tmp_path / "out"
-    # no worker dies here, so a long grace: with the tests on every core, a live worker's heartbeat can lag 3 s, and the
-    # other worker then fails its trial as stale (the live worker's own exit is then a traceback: an open defect)
+    # no worker dies here, so a long grace: with the tests on every core, a live worker's heartbeat can lag 3 s, the
+    # other worker then fails its trial as stale and runs its cell a second time (what follows the stale verdict in
+    # the live worker is tested below)
     procs = [_start(sweep, out, "--grace", "60"), _start(sweep, out, "--grace", "60")]
     outputs = [p.communicate(timeout=400) for p in procs]
     for p, (stdout, stderr) in zip(procs, outputs):
@@ -189,3 +190,34 @@ def test_a_sweep_folder_refuses_a_different_sweep(tmp_path):
     (mine / "notes.txt").write_text("x")
     with pytest.raises(RunError, match="not a prefopt sweep folder"):
         _init_folder(mine, spec)
+
+
+def test_a_trial_failed_as_stale_by_another_worker_while_it_ran_keeps_its_result(tmp_path, monkeypatch):
+    """A worker starved of CPU misses heartbeats; another worker fails its running trial as stale. When its cell
+    then finishes, optuna cannot tell the trial (and trips its own assert): the worker must go on and count the
+    cell from disk, not end in a traceback. The other worker is simulated by failing the trial in the storage."""
+    import optuna
+
+    import prefopt.pipeline.bench as bench
+    from prefopt.pipeline.sweep import run_sweep
+
+    spec = {**SWEEP, "seeds": [0], "arms": {"dpo": {"backend": "dpo"}}}
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(spec))
+    out = tmp_path / "out"
+    real_run, failed = bench.run, []
+
+    def run_and_get_failed_elsewhere(*args, **kwargs):
+        result = real_run(*args, **kwargs)
+        study = optuna.load_study(study_name="t", storage=f"sqlite:///{out / 'sweep.db'}")
+        (running,) = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        study._storage.set_trial_state_values(running._trial_id, optuna.trial.TrialState.FAIL)
+        failed.append(running.number)
+        return result
+
+    monkeypatch.setattr(bench, "run", run_and_get_failed_elsewhere)
+    result = run_sweep(load_sweep(path), out, heartbeat=1)
+    assert failed == [0] and result.ran == ["dpo__seed=0"]  # ran once; the re-queued trial took the cell from disk
+    trials = _trials(out)
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert trials[1].params["cell"] == "dpo__seed=0" and trials[1].value is not None

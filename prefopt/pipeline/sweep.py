@@ -212,6 +212,7 @@ def run_sweep(spec: SweepSpec, out: str | os.PathLike, *, storage: str | None = 
     by_id = {c.id: c for c in spec.cells}
     TS = optuna.trial.TrialState
     ran: list[str] = []
+    returned: list[int] = []  # trials whose objective ended with a value (their result is on disk)
     try:  # exactly one worker creates the study and queues every cell
         study = optuna.create_study(study_name=spec.name, storage=store, direction="maximize")
         for cid in ids:
@@ -249,6 +250,7 @@ def run_sweep(spec: SweepSpec, out: str | os.PathLike, *, storage: str | None = 
             console.log(f"cell {cell_id}: already complete on disk")
         summary = json.loads((cell_dir / "summary.json").read_text(encoding="utf-8"))
         gold = next(r["mean"] for r in summary["summary"] if r["policy"] == cell.arm and r["metric"] == "eval/gold_reward")
+        returned.append(trial.number)
         return float(gold)
 
     with keep_bases():  # the cells this worker runs share one loaded base (each gets a copy)
@@ -267,14 +269,18 @@ def run_sweep(spec: SweepSpec, out: str | os.PathLike, *, storage: str | None = 
                     study.enqueue_trial({"cell": cid})
             if study.get_trials(deepcopy=False, states=(TS.WAITING,)):
                 said_waiting = False
+                before = len(returned)
                 try:
                     study.optimize(objective, n_trials=1, catch=())
-                except ValueError as e:
-                    # another worker settled this trial first (it looked stale while this process was starved of CPU
-                    # and was failed or finished elsewhere); the cell's result is on disk either way: go on
-                    if not str(e).startswith("Cannot tell a"):
+                except (ValueError, AssertionError):
+                    # the objective ended with its value, but another worker had settled the trial first (its
+                    # heartbeat looked stale while this process was starved of CPU, so it was failed there): optuna's
+                    # tell refuses ("Cannot tell a FAIL trial") and then trips its own assert. The cell's result is
+                    # on disk; the next pass re-queues the cell and takes it from there. Anything else is a defect.
+                    if len(returned) == before:
                         raise
-                    console.log(f"a trial was settled by another worker ({e}); continuing")
+                    console.log(f"trial {returned[-1]} was settled by another worker while it ran; its cell is "
+                                f"complete on disk")
                 continue
             if not said_waiting:
                 running = sorted(c for c in live if c not in complete)
