@@ -43,6 +43,9 @@ def test_presets_are_valid(name):
     assert isinstance(cfg, BenchConfig)
     assert set(cfg.policies) == {"ppo", "dpo"}
     assert cfg.ppo.mini_batch_size <= cfg.ppo.batch_size
+    # every method samples what the evaluation samples: the online backends train at the length they are judged at
+    lengths = {cfg.data.max_new_tokens, cfg.ppo.max_new_tokens, cfg.rloo.max_new_tokens, cfg.eval.max_new_tokens}
+    assert len(lengths) == 1, lengths
 
 
 def test_checkpoint_steps_are_inside_training():

@@ -172,6 +172,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rm": {"epochs": 1, "batch_size": 8, "learning_rate": 2e-3, "normalize_on": 64},
         "dpo": {"batch_size": 8, "learning_rate": 1e-3},
         "ppo": {"steps": 6, "ppo_epochs": 2, "mini_batch_size": 16, "learning_rate": 1e-3, "max_new_tokens": 16},
+        "rloo": {"max_new_tokens": 16},  # not a default policy; added with --set policies=...,rloo, the same length
         "eval": {"max_new_tokens": 16, "path_points": 0, "held_out_pairs": False},
     },
     # the field defaults: the comparison before the 5-minute cut (26 minutes on 2 cores; 128 training and
@@ -190,6 +191,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dpo": {"batch_size": 64, "epochs": 3, "learning_rate": 1e-2, "max_response_tokens": 16},
         "ppo": {"steps": 24, "batch_size": 32, "mini_batch_size": 16, "ppo_epochs": 2, "max_new_tokens": 12,
                 "learning_rate": 1e-2, "kl_coef": 0.01},
+        "rloo": {"max_new_tokens": 12},
         "eval": {"max_new_tokens": 12, "batch_size": 64, "path_prompts": 32},
     },
 }
