@@ -1,5 +1,7 @@
 """The shared base: reference = adapters off = base, padding invariance, sampling, LoRA-only updates."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -362,3 +364,23 @@ def test_a_converted_gguf_base_is_kept_and_loads_back_as_the_same_model(tmp_path
     assert gguf.GGUFReader.__name__ == "GGUFReader"  # the patch is gone after the load
     monkeypatch.setenv("PREFOPT_BASE_CACHE", "off")
     assert converted_base_dir(resolve_model(spec)) is None
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_log_probs_recorded_while_sampling_equal_a_forward_pass(tiny, temperature):
+    """The evaluation's log pi(y) comes from the decoding steps (KV cache, left-padded batches) instead of a second
+    forward pass: the naive form is response_logprobs over prompt + response, and the samples are unchanged."""
+    lm, tok = tiny
+    prompts = encode_prompts(["x", "a longer one", "two words", "a b c d e f g", "q", "mid size prompt", "z z"], tok, 64)
+    # the tiny model never draws its EOS: let a token it draws often end responses instead
+    drawn = [t for r in sample(lm, tok, prompts, max_new_tokens=10, seed=5, temperature=temperature, batch_size=3) for t in r]
+    stop = SimpleNamespace(pad_token_id=tok.pad_token_id, eos_token_id=max(set(drawn), key=drawn.count))
+    plain = sample(lm, stop, prompts, max_new_tokens=10, seed=5, temperature=temperature, batch_size=3)
+    resp, logps = sample(lm, stop, prompts, max_new_tokens=10, seed=5, temperature=temperature, batch_size=3, logprobs=True)
+    assert resp == plain
+    ends = [r[-1] == stop.eos_token_id for r in resp]
+    assert any(ends) and not all(ends)  # both cuts: at an EOS, and at the length cap
+    batch = make_batch(prompts, resp, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        naive = response_logprobs(lm, batch, temperature).sum(-1).double()
+    assert torch.allclose(torch.tensor(logps, dtype=torch.float64), naive, rtol=1e-5, atol=1e-4)

@@ -80,11 +80,13 @@ def _ctx(shared: SharedBase, role: str | None):
 
 
 def sample_policy(shared: SharedBase, role: str | None, prompt_ids, cfg: EvalConfig, *, seed: int | None = None,
-                  on_batch=None, dist=None) -> list[list[int]]:
-    """``dist``: several processes share the batches (exactly the one-process samples; see ``ops.sample``)."""
+                  on_batch=None, dist=None, logprobs: bool = False):
+    """``dist``: several processes share the batches (exactly the one-process samples; see ``ops.sample``).
+    ``logprobs``: (responses, each one's sequence log-prob under ``role`` recorded while sampling)."""
     with _ctx(shared, role) as lm:
         return sample(lm, shared.tokenizer, prompt_ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                      seed=cfg.seed if seed is None else seed, batch_size=cfg.batch_size, on_batch=on_batch, dist=dist)
+                      seed=cfg.seed if seed is None else seed, batch_size=cfg.batch_size, on_batch=on_batch, dist=dist,
+                      logprobs=logprobs)
 
 
 @torch.no_grad()
@@ -165,16 +167,15 @@ def evaluate_policy(shared: SharedBase, role, prompt_ids, prompt_texts, judge: J
     gold, KL to the reference (k1, sequence; best-of-n: its analytic value), proxy."""
     if isinstance(role, BestOfN):
         responses = role.sample(shared, prompt_ids, cfg, on_batch=on_batch, dist=dist)
-    else:
-        responses = sample_policy(shared, role, prompt_ids, cfg, on_batch=on_batch, dist=dist)
-    texts = decode_responses(responses, shared.tokenizer)
-    gold = _gold(judge, prompt_texts, texts)
-    if isinstance(role, BestOfN):
         kl = np.full(len(responses), math.log(role.n) - (role.n - 1) / role.n)
     elif role is None:
+        responses = sample_policy(shared, role, prompt_ids, cfg, on_batch=on_batch, dist=dist)
         kl = np.zeros(len(responses))
-    else:
-        kl = sequence_logps(shared, role, prompt_ids, responses, cfg) - sequence_logps(shared, None, prompt_ids, responses, cfg)
+    else:  # log pi(y) from the sampling steps themselves; log pi_ref(y) takes one forward pass
+        responses, logps = sample_policy(shared, role, prompt_ids, cfg, on_batch=on_batch, dist=dist, logprobs=True)
+        kl = np.asarray(logps, dtype=np.float64) - sequence_logps(shared, None, prompt_ids, responses, cfg)
+    texts = decode_responses(responses, shared.tokenizer)
+    gold = _gold(judge, prompt_texts, texts)
     scores = None
     if proxy is not None:
         scores = np.asarray(proxy(prompt_ids, responses).tolist(), dtype=np.float64)

@@ -258,13 +258,18 @@ class InverseCDFSampler:
     softmax(logits / T) (tests/test_ppo.py) and a zero-probability token is never drawn (tests/test_models.py).
     """
 
-    def __init__(self, temperature: float = 1.0):
+    def __init__(self, temperature: float = 1.0, record: bool = False):
         if not temperature > 0:
             raise ValueError(f"sampling temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
+        # with ``record``, each step's (B,) log-probs of the drawn tokens under softmax(scores / temperature)
+        self.logps: list[torch.Tensor] | None = [] if record else None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        return one_hot_scores(draw_tokens(scores, self.temperature), scores)
+        tokens = draw_tokens(scores, self.temperature)
+        if self.logps is not None:
+            self.logps.append(gather_logprobs(scores.float() / self.temperature, tokens))
+        return one_hot_scores(tokens, scores)
 
 
 def draw_tokens(scores: torch.Tensor, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -294,10 +299,15 @@ def sample(
     batch_size: int = 64,
     on_batch=None,
     dist=None,
-) -> list[list[int]]:
+    logprobs: bool = False,
+) -> list[list[int]] | tuple[list[list[int]], list[float]]:
     """Sample one response per prompt (pure sampling: no top-k/top-p, so log-probs under ``temperature`` are the
     sampling distribution). A response is cut after its first EOS (kept: ending is an action). Batch ``j`` is
     seeded with ``seed + j``, so the same prompts and seed give the same noise to every policy.
+
+    ``logprobs``: also return each response's sum_t log pi(y_t | .) at ``temperature``, from the logits the tokens
+    were drawn from (the KV-cached decoding steps): what a second forward pass over prompt + response computes
+    (:func:`response_logprobs`, to float rounding; tested against it), without that pass.
 
     ``dist`` (accelerate's state, several processes): every rank passes the same prompts, samples the batches
     ``j`` with ``j % world == rank`` and receives all of them -- exactly the one-process samples, in 1/world of
@@ -310,9 +320,12 @@ def sample(
         mine = []
         for j in range(dist.process_index, len(starts), dist.num_processes):
             chunk = prompt_ids[starts[j] : starts[j] + batch_size]
-            mine.append((j, sample(lm, tokenizer, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
-                                   seed=seed + j, batch_size=batch_size, on_batch=on_batch)))
-        return [r for _, part in sorted(gather_object(mine)) for r in part]
+            part = sample(lm, tokenizer, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
+                          seed=seed + j, batch_size=batch_size, on_batch=on_batch, logprobs=True)
+            mine.append((j, part))
+        parts = [part for _, part in sorted(gather_object(mine))]
+        responses = [r for rs, _ in parts for r in rs]
+        return (responses, [x for _, lps in parts for x in lps]) if logprobs else responses
     from transformers import GenerationConfig, LogitsProcessorList
 
     # decoding is greedy on what InverseCDFSampler leaves: exactly one token per row, drawn from
@@ -326,11 +339,13 @@ def sample(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    processors = LogitsProcessorList([InverseCDFSampler(temperature)])
     device = next(lm.parameters()).device
     eos = tokenizer.eos_token_id
     responses: list[list[int]] = []
+    seq_logps: list[float] = []
     for j, start in enumerate(range(0, len(prompt_ids), batch_size)):
+        sampler = InverseCDFSampler(temperature, record=logprobs)
+        processors = LogitsProcessorList([sampler])
         chunk = prompt_ids[start : start + batch_size]
         P = max(len(p) for p in chunk)
         ids = torch.full((len(chunk), P), tokenizer.pad_token_id, dtype=torch.long)
@@ -341,14 +356,17 @@ def sample(
         torch.manual_seed(seed + j)
         out = lm.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gen_cfg,
                           logits_processor=processors)
-        for row in out[:, P:].tolist():
+        steps = torch.stack(sampler.logps, dim=1).double() if logprobs else None  # (B, steps generated)
+        for i, row in enumerate(out[:, P:].tolist()):
             cut = row.index(eos) + 1 if eos in row else len(row)
             responses.append(row[:cut])
-        del out
+            if logprobs:
+                seq_logps.append(float(steps[i, :cut].sum()))
+        del out, steps, sampler
         release_heap()  # the KV cache just freed: its pages go back before whatever runs next
         if on_batch is not None:
             on_batch(len(chunk))
-    return responses
+    return (responses, seq_logps) if logprobs else responses
 
 
 def ends_with_eos(response_ids: Sequence[Sequence[int]], eos_id: int) -> list[bool]:
