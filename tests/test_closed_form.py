@@ -409,7 +409,9 @@ def test_online_dpo_reaches_the_kl_regularised_optimum():
     def score_fn(prompts, responses):
         return R[torch.tensor([r[0] for r in responses])]
 
-    cfg = dpo.DPOConfig(beta=BETA, reward="py:unused:labels", online_rounds=60, online_prompts=1024,
+    # 120 rounds, not 60: over master seeds 0-5, 60 rounds left TV 0.006-0.062 (seed 1 above the bound), 120 rounds
+    # 0.009-0.022 (the labels are Bradley-Terry draws, so the estimate is noisy; more rounds average it)
+    cfg = dpo.DPOConfig(beta=BETA, reward="py:unused:labels", online_rounds=120, online_prompts=1024,
                         online_label_temperature=1.0, batch_size=1024, learning_rate=3e-2, lr_schedule="linear",
                         max_response_tokens=1, seed=0)
     dpo.train(shared, cfg, TrainData(prompts=prompt_ids, score_fn=score_fn))
