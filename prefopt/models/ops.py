@@ -321,8 +321,8 @@ def sample(
         for j in range(dist.process_index, len(starts), dist.num_processes):
             chunk = prompt_ids[starts[j] : starts[j] + batch_size]
             part = sample(lm, tokenizer, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
-                          seed=seed + j, batch_size=batch_size, on_batch=on_batch, logprobs=True)
-            mine.append((j, part))
+                          seed=seed + j, batch_size=batch_size, on_batch=on_batch, logprobs=logprobs)
+            mine.append((j, part if logprobs else (part, [])))
         parts = [part for _, part in sorted(gather_object(mine))]
         responses = [r for rs, _ in parts for r in rs]
         return (responses, [x for _, lps in parts for x in lps]) if logprobs else responses
