@@ -384,3 +384,24 @@ def test_log_probs_recorded_while_sampling_equal_a_forward_pass(tiny, temperatur
     with torch.no_grad():
         naive = response_logprobs(lm, batch, temperature).sum(-1).double()
     assert torch.allclose(torch.tensor(logps, dtype=torch.float64), naive, rtol=1e-5, atol=1e-4)
+
+
+def test_states_recorded_while_sampling_equal_a_forward_pass(tiny):
+    """PPO's rollout log-probs and values read the trunk states of the KV-cached decoding steps instead of a second
+    forward pass: the naive form is response_hidden over prompt + response; the responses are sample()'s."""
+    from prefopt.models.ops import hidden_states, response_hidden, sample_states
+
+    lm, tok = tiny
+    prompts = encode_prompts(["x", "a longer one", "two words", "a b c d e f g", "q", "mid size prompt", "z z"], tok, 64)
+    drawn = [t for r in sample(lm, tok, prompts, max_new_tokens=10, seed=5, batch_size=3) for t in r]
+    stop = SimpleNamespace(pad_token_id=tok.pad_token_id, eos_token_id=max(set(drawn), key=drawn.count))
+    resp, states = sample_states(lm, stop, prompts, max_new_tokens=10, seed=5, batch_size=3)
+    assert resp == sample(lm, stop, prompts, max_new_tokens=10, seed=5, batch_size=3)
+    ends = [r[-1] == stop.eos_token_id for r in resp]
+    assert any(ends) and not all(ends)  # rows that stopped early beside rows that ran to the cap
+    batch = make_batch(prompts, resp, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        naive = response_hidden(hidden_states(lm, batch), batch)
+    for i, r in enumerate(resp):
+        assert states[i].shape == (len(r), naive.shape[-1])
+        assert torch.allclose(states[i], naive[i, : len(r)], rtol=1e-4, atol=1e-5)

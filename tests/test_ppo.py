@@ -205,3 +205,26 @@ def test_checkpoint_holds_no_pickles_and_survives_a_torn_write(tmp_path):
     assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
     assert fresh.param_groups[0]["lr"] == opt.param_groups[0]["lr"] and fresh_sched.last_epoch == sched.last_epoch
     assert fresh_rng.random() == rng.random()
+
+
+def test_rollout_states_from_sampling_train_like_a_second_forward(tmp_path):
+    """rollout_states (log-probs, entropies and values of the rollout from the sampling pass) against the naive
+    form, a separate forward over every rollout: the same responses, metrics and weights to float rounding."""
+    runs = {}
+    for flag in (True, False):
+        lm, tok = load_base("tiny", device=torch.device("cpu"), seed=0)
+        shared = SharedBase(lm, tok, LoraSettings(r=4, alpha=8))
+        prompts = encode_prompts([f"prompt {i}" for i in range(6)], tok, 32)
+        target = tok("e", add_special_tokens=False).input_ids[0]
+        score_fn = lambda p, r: t([sum(x == target for x in resp) / max(len(resp), 1) for resp in r])  # noqa: E731
+        cfg = ppo.PPOConfig(steps=3, batch_size=6, mini_batch_size=3, ppo_epochs=2, max_new_tokens=6,
+                            learning_rate=1e-2, seed=3, reward="gold", rollout_states=flag)
+        log = []
+        ppo.train(shared, cfg, TrainData(prompts=prompts, score_fn=score_fn), on_step=lambda s, m: log.append(m))
+        runs[flag] = log, shared.adapter_state("ppo")
+    (fast, w_fast), (naive, w_naive) = runs[True], runs[False]
+    for a, b in zip(fast, naive):
+        assert a["train/score"] == b["train/score"] and a["train/length"] == b["train/length"]  # the same rollouts
+        for k in ("train/kl", "train/entropy", "train/loss", "train/value_loss", "train/approx_kl"):
+            assert a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-5), k
+    assert all(torch.allclose(w_fast[k], w_naive[k], atol=1e-5) for k in w_fast)

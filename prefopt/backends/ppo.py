@@ -58,12 +58,14 @@ from prefopt.backends.losses import (
 from prefopt.models.ops import (
     SeqBatch,
     gather_logprobs,
-    logprob_stats,
+    head_stats,
     hidden_states,
+    logprob_stats,
     make_batch,
     response_hidden,
     response_logits,
     sample,
+    sample_states,
 )
 from prefopt.models.shared import SharedBase
 
@@ -122,6 +124,9 @@ class PPOConfig:
                                                           "log-probs and values); True: the value function gets its own LoRA adapter + head."})
     reward: str = field(default="rm", metadata={"help": "Reward source: 'rm' (the reward model trained on the pairs), 'gold' (the gold "
                                                  "judge itself: PPO-GT), 'hf:<classifier>' or 'py:module:function'."})
+    rollout_states: bool = field(default=True, metadata={"help": "Take the rollout's log-probs, entropies and values from "
+                                                         "the trunk states the sampling pass computed (KV-cached); False: a "
+                                                         "second forward over prompt + response (the same to float rounding)."})
     value_from_rm: bool = field(default=False, metadata={"help": "Initialise the value head from the reward model's score head (N+ details)."})
     seed: int | None = field(default=None, metadata={"help": "Seed for prompt order and sampling (None: the run's master seed)."})
     save_every: int | None = field(default=None, metadata={"help": "Write a resumable checkpoint every N steps (needs checkpoint_dir)."})
@@ -163,6 +168,16 @@ def total_steps(cfg: PPOConfig, data: TrainData) -> int:
     return cfg.steps
 
 
+def rollout_states(drawn: list[torch.Tensor], batch: SeqBatch) -> torch.Tensor:
+    """The sampling pass's per-response states (len_i, H) laid out like ``batch``'s responses: (B, R, H), zero past
+    each response's end (a stop token may have cut it shorter than it was sampled)."""
+    B, R = batch.response_ids.shape
+    out = torch.zeros(B, R, drawn[0].shape[-1], dtype=drawn[0].dtype, device=batch.response_ids.device)
+    for i, (st, n) in enumerate(zip(drawn, batch.response_lengths.tolist())):
+        out[i, :n] = st[:n]
+    return out
+
+
 class _Roles:
     """Where PPO's roles live. Default: policy adapter (+ value head on its trunk) on ``shared``, reference =
     ``shared`` with adapters off. ``value_adapter`` moves the value function to its own adapter + head; the
@@ -202,6 +217,13 @@ class _Roles:
             with self.value_base.role(self.value_role) as vlm:
                 hidden = hidden_states(vlm, batch)
         return self.value_head(response_hidden(hidden, batch).float()).squeeze(-1)
+
+    def values_at(self, states: torch.Tensor, batch: SeqBatch, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Values (B, R) from the policy trunk's states that predict each token, (B, R, H) (with a value adapter:
+        its own pass over ``batch``)."""
+        if self.cfg.value_adapter:
+            return self.values(hidden, batch)
+        return self.value_head(states.float()).squeeze(-1)
 
     def state(self) -> dict[str, torch.Tensor]:
         state = dict(self.shared.adapter_state(self.role))
@@ -322,11 +344,13 @@ def train(
         mine = order[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
         batch_prompts = [list(prompt_ids[i])[-cfg.max_prompt_tokens :] for i in mine]
         order = order[cfg.batch_size * world :]
+        draw = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                    seed=seed * 100_003 + step + 1_000_003 * rank, batch_size=cfg.batch_size)
         with shared.role(role) as lm:
-            responses = sample(
-                lm, tok, batch_prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                seed=seed * 100_003 + step + 1_000_003 * rank, batch_size=cfg.batch_size,
-            )
+            if cfg.rollout_states:  # the same responses, and the trunk states that predicted their tokens
+                responses, drawn_states = sample_states(lm, tok, batch_prompts, **draw)
+            else:
+                responses = sample(lm, tok, batch_prompts, **draw)
         responses = truncate_at(responses, stop)
         t_gen = time.perf_counter() - t0
         batch = make_batch(batch_prompts, responses, tok.pad_token_id, device)
@@ -342,12 +366,17 @@ def train(
         # except the full distributions that the exact KL in the loss needs)
         with torch.no_grad():
             with shared.role(role) as lm:
-                hidden = hidden_states(lm, batch)
-                old_logprobs, token_entropy, old_logp_full = logprob_stats(
-                    lm, hidden, batch, cfg.temperature, entropy=True, full=cfg.kl_in == "loss")  # (B, R) ...
-                old_values = roles.values(hidden, batch)
+                if cfg.rollout_states:  # no second pass over the rollout: the sampling pass's states, (B, R, H)
+                    states = rollout_states(drawn_states, batch)
+                    old_values = roles.values_at(states, batch)
+                else:
+                    states = response_hidden(hidden := hidden_states(lm, batch), batch)
+                    old_values = roles.values_at(states, batch, hidden)
+                    del hidden
+                old_logprobs, token_entropy, old_logp_full = head_stats(
+                    lm, states, batch.response_ids, cfg.temperature, entropy=True, full=cfg.kl_in == "loss")  # (B, R) ...
                 entropy = masked_mean(token_entropy, mask)
-                del hidden
+                del states
             with roles.ref_base.reference() as lm:
                 ref_logprobs, _, ref_logp_full = logprob_stats(lm, hidden_states(lm, batch), batch, cfg.temperature,
                                                                full=cfg.kl_in == "loss")

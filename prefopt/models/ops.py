@@ -117,7 +117,15 @@ def logprob_stats(lm, hidden: torch.Tensor, batch: SeqBatch, temperature: float 
     """No-grad per-token statistics of the response under ``lm`` from its trunk states: log-probs (B, R), with
     ``entropy`` the entropy (B, R), with ``full`` the whole log-softmax (B, R, V). The LM head runs on at most
     :data:`LOGIT_POSITIONS` positions at a time; rows are independent, so this equals the one-shot computation."""
-    head, states, tokens = lm.get_output_embeddings(), response_hidden(hidden, batch), batch.response_ids
+    return head_stats(lm, response_hidden(hidden, batch), batch.response_ids, temperature, entropy=entropy, full=full)
+
+
+@torch.no_grad()
+def head_stats(lm, states: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, *, entropy: bool = False,
+               full: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`logprob_stats` from the states that predict each token, (B, R, H), and the tokens (B, R): the LM head
+    of ``lm`` on them, :data:`LOGIT_POSITIONS` positions at a time."""
+    head = lm.get_output_embeddings()
     rows = max(1, LOGIT_POSITIONS // max(tokens.shape[1], 1))
     logps, ents, fulls = [], [], []
     for i in range(0, tokens.shape[0], rows):  # in place where the same values allow: two (rows, R, V) tensors at most
@@ -326,6 +334,35 @@ def sample(
         parts = [part for _, part in sorted(gather_object(mine))]
         responses = [r for rs, _ in parts for r in rs]
         return (responses, [x for _, lps in parts for x in lps]) if logprobs else responses
+    responses: list[list[int]] = []
+    seq_logps: list[float] = []
+    for rows, logps, _ in _draw(lm, tokenizer, prompt_ids, max_new_tokens, temperature, seed, batch_size,
+                                logprobs=logprobs, states=False, on_batch=on_batch):
+        responses += rows
+        seq_logps += [float(lp.sum()) for lp in logps or ()]
+    return (responses, seq_logps) if logprobs else responses
+
+
+@torch.no_grad()
+def sample_states(lm, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
+                  seed: int = 0, batch_size: int = 64) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """:func:`sample` (the same responses for the same arguments), plus for each response the decoder's last hidden
+    states that predicted its tokens, (len(response), H): what :func:`response_hidden` takes from a second forward
+    pass over prompt + response (to float rounding; tested against it), read off the KV-cached decoding steps. The
+    LM head or a value head on them gives the rollout's log-probs and values without that pass."""
+    responses: list[list[int]] = []
+    states: list[torch.Tensor] = []
+    for rows, _, st in _draw(lm, tokenizer, prompt_ids, max_new_tokens, temperature, seed, batch_size,
+                             logprobs=False, states=True):
+        responses += rows
+        states += st
+    return responses, states
+
+
+def _draw(lm, tokenizer, prompt_ids, max_new_tokens, temperature, seed, batch_size, *, logprobs: bool, states: bool,
+          on_batch=None):
+    """One process's sampling, batch by batch: (responses, per-row (len,) log-probs or None, per-row (len, H)
+    states or None). Batch ``j`` is seeded with ``seed + j``."""
     from transformers import GenerationConfig, LogitsProcessorList
 
     # decoding is greedy on what InverseCDFSampler leaves: exactly one token per row, drawn from
@@ -341,32 +378,62 @@ def sample(
     )
     device = next(lm.parameters()).device
     eos = tokenizer.eos_token_id
-    responses: list[list[int]] = []
-    seq_logps: list[float] = []
-    for j, start in enumerate(range(0, len(prompt_ids), batch_size)):
-        sampler = InverseCDFSampler(temperature, record=logprobs)
-        processors = LogitsProcessorList([sampler])
-        chunk = prompt_ids[start : start + batch_size]
-        P = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), P), tokenizer.pad_token_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for i, p in enumerate(chunk):
-            ids[i, P - len(p) :] = torch.tensor(p)
-            attn[i, P - len(p) :] = 1
-        torch.manual_seed(seed + j)
-        out = lm.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gen_cfg,
-                          logits_processor=processors)
-        steps = torch.stack(sampler.logps, dim=1).double() if logprobs else None  # (B, steps generated)
-        for i, row in enumerate(out[:, P:].tolist()):
-            cut = row.index(eos) + 1 if eos in row else len(row)
-            responses.append(row[:cut])
-            if logprobs:
-                seq_logps.append(float(steps[i, :cut].sum()))
-        del out, steps, sampler
-        release_heap()  # the KV cache just freed: its pages go back before whatever runs next
-        if on_batch is not None:
-            on_batch(len(chunk))
-    return (responses, seq_logps) if logprobs else responses
+    # generate's own check for `logits_to_keep` reads the outer forward's signature, which a peft wrapper hides:
+    # asked for explicitly, the prompt's pass runs the LM head on its last position only, not on all of them
+    keep = {"logits_to_keep": 1} if _takes_logits_to_keep(lm) else {}
+    seen: list[torch.Tensor] = []  # the decoder's last hidden state at the newest position, one per forward
+    hook = lm.get_decoder().register_forward_hook(
+        lambda module, args, out: seen.append(_last_hidden(out)[:, -1].detach())) if states else None
+    try:
+        for j, start in enumerate(range(0, len(prompt_ids), batch_size)):
+            sampler = InverseCDFSampler(temperature, record=logprobs)
+            processors = LogitsProcessorList([sampler])
+            chunk = prompt_ids[start : start + batch_size]
+            P = max(len(p) for p in chunk)
+            ids = torch.full((len(chunk), P), tokenizer.pad_token_id, dtype=torch.long)
+            attn = torch.zeros_like(ids)
+            for i, p in enumerate(chunk):
+                ids[i, P - len(p) :] = torch.tensor(p)
+                attn[i, P - len(p) :] = 1
+            seen.clear()
+            torch.manual_seed(seed + j)
+            out = lm.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gen_cfg,
+                              logits_processor=processors, **keep)
+            n_new = out.shape[1] - P
+            steps = torch.stack(sampler.logps, dim=1).double() if logprobs else None  # (B, steps generated)
+            if states:  # one forward per generated token: the prompt's pass, then each token but the last
+                if len(seen) != n_new:
+                    raise RuntimeError(f"sampling ran {len(seen)} forward passes for {n_new} tokens")
+                hidden = torch.stack(seen, dim=1)  # (B, steps generated, H)
+            rows, row_logps, row_states = [], [] if logprobs else None, [] if states else None
+            for i, row in enumerate(out[:, P:].tolist()):
+                cut = row.index(eos) + 1 if eos in row else len(row)
+                rows.append(row[:cut])
+                if logprobs:
+                    row_logps.append(steps[i, :cut])
+                if states:
+                    row_states.append(hidden[i, :cut].clone())
+            del out, steps, sampler
+            seen.clear()
+            hidden = None
+            release_heap()  # the KV cache just freed: its pages go back before whatever runs next
+            yield rows, row_logps, row_states
+            if on_batch is not None:
+                on_batch(len(chunk))
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
+def _last_hidden(out) -> torch.Tensor:
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def _takes_logits_to_keep(lm) -> bool:
+    import inspect
+
+    inner = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
 def ends_with_eos(response_ids: Sequence[Sequence[int]], eos_id: int) -> list[bool]:
@@ -386,12 +453,14 @@ __all__ = [
     "gather_logprobs",
     "entropy_from_logits",
     "logprob_stats",
+    "head_stats",
     "response_logprobs",
     "last_token_hidden",
     "render_prompt",
     "encode_prompts",
     "encode_responses",
     "sample",
+    "sample_states",
     "ends_with_eos",
     "decode_responses",
 ]
