@@ -167,12 +167,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # that stays conclusive (results/fast_default_search: both beat the reference with win-rate CIs above 0.5,
     # DPO above PPO): 64 training prompts, 16-token responses, one RM epoch, 96 held-out prompts, no evaluations
     # during training. PPO: its 192 rollouts as 12 iterations of 16 (2 epochs, one minibatch each) at kl_coef
-    # 0.02, not 6 of 32 at 0.05: conclusive at 3 of 4 seeds against 1 of 4 (results/ppo_default_search). DPO's
-    # micro-batches of 512 tokens (not 1024) take its step's peak from ~2.5 to ~2.1 GB at the same speed
+    # 0.02, not 6 of 32 at 0.05: conclusive at 3 of 4 seeds against 1 of 4 (results/ppo_default_search). The
+    # reward model's and DPO's micro-batches of 256 tokens (not 1024 / 512): on these pairs (8 a step, ~12 + 16
+    # tokens) their steps peak at 1581 / 1780 MiB against 2003 / 2193 at the same seconds a step
+    # (results/step_memory_default.json)
     "default": {
         "data": {"n_train": 64, "n_eval": 96, "pairs_per_prompt": 2, "max_new_tokens": 16},
-        "rm": {"epochs": 1, "batch_size": 8, "learning_rate": 2e-3, "normalize_on": 64},
-        "dpo": {"batch_size": 8, "learning_rate": 1e-3, "micro_batch_tokens": 512},
+        "rm": {"epochs": 1, "batch_size": 8, "learning_rate": 2e-3, "normalize_on": 64, "micro_batch_tokens": 256},
+        "dpo": {"batch_size": 8, "learning_rate": 1e-3, "micro_batch_tokens": 256},
         "ppo": {"steps": 12, "batch_size": 16, "ppo_epochs": 2, "mini_batch_size": 16, "learning_rate": 1e-3,
                 "kl_coef": 0.02, "max_new_tokens": 16},
         "rloo": {"max_new_tokens": 16},  # not a default policy; added with --set policies=...,rloo, the same length
