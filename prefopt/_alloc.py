@@ -53,20 +53,15 @@ def trim_heap(on: bool = True) -> None:
     _TRIMMING = bool(on)
 
 
-def release_heap() -> None:
-    """With ``trim_heap`` on, return the free pages of the malloc heap to the OS (glibc ``malloc_trim(0)``; a
-    no-op elsewhere). Called where a pass has just freed its activations."""
-    if _TRIMMING and _TRIM is not None:
-        _TRIM(0)
-
-
-def release_heap_now() -> None:
-    """Return the heap's free pages to the OS now, whatever ``trim_heap`` says (a no-op off glibc): for the end of a
-    stage, whose freed tensors (a sampling pass's KV caches, a training stage's activations) would otherwise stay
-    resident under the next stage's peak. Once per stage it costs nothing measurable; what ``trim_heap`` adds is
-    the same call after every pass."""
-    if _TRIM is not None:
-        gc.collect()  # tensors only a reference cycle still holds are freed first
+def release_heap(force: bool = False) -> None:
+    """With ``trim_heap`` on (or ``force``), return the free pages of the malloc heap to the OS (glibc
+    ``malloc_trim(0)``; a no-op elsewhere). Called where a pass has just freed its activations; ``force`` at the
+    end of a stage, whose freed tensors (a sampling pass's KV caches, a training stage's activations) would
+    otherwise stay resident under the next stage's peak -- once per stage it costs nothing measurable, what
+    ``trim_heap`` adds is the same call after every pass."""
+    if (_TRIMMING or force) and _TRIM is not None:
+        if force:
+            gc.collect()  # tensors only a reference cycle still holds are freed first
         _TRIM(0)
 
 

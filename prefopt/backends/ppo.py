@@ -212,17 +212,15 @@ class _Roles:
         return response_logits(lm, hidden, batch, temperature), self.values(hidden, batch)
 
     def values(self, hidden: torch.Tensor, batch: SeqBatch) -> torch.Tensor:
-        """Values (B, R) from the policy trunk's states (or the value adapter's own pass)."""
-        if self.cfg.value_adapter:
-            with self.value_base.role(self.value_role) as vlm:
-                hidden = hidden_states(vlm, batch)
-        return self.value_head(response_hidden(hidden, batch).float()).squeeze(-1)
+        """Values (B, R) from the policy trunk's hidden states (B, P+R, H) (or the value adapter's own pass)."""
+        return self.values_at(response_hidden(hidden, batch), batch)
 
-    def values_at(self, states: torch.Tensor, batch: SeqBatch, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    def values_at(self, states: torch.Tensor, batch: SeqBatch) -> torch.Tensor:
         """Values (B, R) from the policy trunk's states that predict each token, (B, R, H) (with a value adapter:
         its own pass over ``batch``)."""
         if self.cfg.value_adapter:
-            return self.values(hidden, batch)
+            with self.value_base.role(self.value_role) as vlm:
+                states = response_hidden(hidden_states(vlm, batch), batch)
         return self.value_head(states.float()).squeeze(-1)
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -368,11 +366,9 @@ def train(
             with shared.role(role) as lm:
                 if cfg.rollout_states:  # no second pass over the rollout: the sampling pass's states, (B, R, H)
                     states = rollout_states(drawn_states, batch)
-                    old_values = roles.values_at(states, batch)
                 else:
-                    states = response_hidden(hidden := hidden_states(lm, batch), batch)
-                    old_values = roles.values_at(states, batch, hidden)
-                    del hidden
+                    states = response_hidden(hidden_states(lm, batch), batch)
+                old_values = roles.values_at(states, batch)
                 old_logprobs, token_entropy, old_logp_full = head_stats(
                     lm, states, batch.response_ids, cfg.temperature, entropy=True, full=cfg.kl_in == "loss")  # (B, R) ...
                 entropy = masked_mean(token_entropy, mask)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from prefopt import config as C
-from prefopt._alloc import bound_heap, release_heap_now, trim_heap
+from prefopt._alloc import bound_heap, release_heap, trim_heap
 from prefopt.backends import BACKENDS
 from prefopt.backends import rm as rm_backend
 from prefopt.backends import sft as sft_backend
@@ -94,7 +94,7 @@ class Stages:
         with self.progress:
             yield advance
         self.progress.remove_task(task)
-        release_heap_now()  # what the stage freed goes back before the next stage's peak
+        release_heap(force=True)  # what the stage freed goes back before the next stage's peak
         self.timings[name] = round(time.perf_counter() - t0, 1)
         self.peak_rss[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
         self.console.log(f"{name}: {self.timings[name]:.1f}s")
