@@ -281,8 +281,17 @@ class InverseCDFSampler:
 
 
 def draw_tokens(scores: torch.Tensor, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B,) tokens, row b drawn from softmax(scores[b] / temperature) by inverse CDF (one uniform per row)."""
-    cdf = torch.softmax(scores.double() / temperature, dim=-1).cumsum_(-1)
+    """(B,) tokens, row b drawn from softmax(scores[b] / temperature) by inverse CDF (one uniform per row).
+
+    The softmax runs in float32 (each probability to float32 rounding) and only the cumulative sum in float64
+    (so a probability of 1e-7 keeps its share of the CDF over a 49k vocabulary). The naive form, float64
+    throughout (``softmax(scores.double() / T).cumsum``), drew the same tokens (tests/test_models.py) but held
+    three (B, V) float64 tensors at once: at 64 x 49152 its chain of fresh 25 MB buffers ran 22-34 ms a step on
+    this CPU (2 threads) against 3 ms, and a 64 x 16-token generation with SmolLM2-135M took 5.6-5.9 s against
+    4.8-5.1 s, the same samples (alternated in one process)."""
+    logits = scores.float() if temperature == 1.0 else scores.float() / temperature
+    cdf = torch.softmax(logits, dim=-1).double().cumsum_(-1)
+    del logits
     u = torch.rand(scores.shape[0], 1, dtype=torch.float64, device=scores.device, generator=generator)
     # scaling by the last entry makes the CDF end exactly at the total; right=True skips tokens of probability 0
     # (their CDF equals their predecessor's), and clamping covers u * total rounding onto the total itself
