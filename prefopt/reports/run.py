@@ -38,7 +38,6 @@ from typing import Any
 import numpy as np
 
 from prefopt.errors import RunError
-from prefopt.reports import plots, tables
 
 __all__ = [
     "FILES",
@@ -309,6 +308,8 @@ def write_reports(
     n_samples: int = 12,
 ) -> list[Path]:
     """Write the derived, human-facing files (tables, CSVs, plot) into ``directory``."""
+    from prefopt.reports import plots, tables  # pandas and matplotlib: loaded when a report is written, not before
+
     out = Path(directory)
     summary = to_jsonable(list(summary))
     samples = to_jsonable(list(samples))
@@ -375,6 +376,8 @@ def fill_run(
            "summary": list(summary), "path": list(path)}
     folder.write_json(FILES["summary"], doc)
     if meta.get("annotators"):
+        from prefopt.reports import tables
+
         folder.write_text(FILES["annotators_md"], "# Training pairs by annotator\n\n"
                           + tables.annotators_markdown(to_jsonable(meta["annotators"])))
     if summary:
