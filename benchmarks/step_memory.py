@@ -9,7 +9,8 @@ activation gradients; LM head counted on response positions) and, measured in th
 GEMM rate. A budget with ``+ckpt`` (e.g. ``1024+ckpt``) also recomputes each decoder layer's activations in the
 backward pass (``checkpoint_activations``; the FLOP rate counts the model's FLOPs, not the recomputation); with
 ``+heap`` the child fixes glibc's mmap threshold first (``bounded_heap``, ``prefopt/_alloc.py``); with ``+trim`` it
-returns the heap's free pages to the OS after every micro-batch's backward pass (``trim_heap``). Suffixes combine
+returns the heap's free pages to the OS after every micro-batch's backward pass (``trim_heap``); with ``+keep`` it
+keeps freed blocks in the heap for reuse (``keep_heap``: what ``prefopt bench`` does by default). Suffixes combine
 (``384+ckpt+trim``). Usage:
 
     python benchmarks/step_memory.py --out results/step_memory.json
@@ -74,7 +75,12 @@ def run_child(stage: str, budget: str, model: str, steps: int, threads: int, pro
     bounded = "+heap" in budget  # the config's bounded_heap: a fixed glibc mmap threshold
     recompute = "+ckpt" in budget
     trimmed = "+trim" in budget  # the config's trim_heap: malloc_trim after every micro-batch's backward pass
+    kept = "+keep" in budget  # what `prefopt bench` does unless bounded_heap: freed blocks kept in the heap
     budget = budget.split("+")[0]
+    if kept:
+        from prefopt._alloc import keep_heap
+
+        keep_heap()
     if bounded:
         from prefopt._alloc import bound_heap
 
@@ -114,7 +120,7 @@ def run_child(stage: str, budget: str, model: str, steps: int, threads: int, pro
     after = times[1:] or times
     s = sum(after) / len(after)
     return {"stage": stage, "micro_batch_tokens": micro, "checkpoint_activations": recompute,
-            "bounded_heap": bounded, "trim_heap": trimmed, "model": model, "threads": threads, "steps": steps,
+            "bounded_heap": bounded, "trim_heap": trimmed, "keep_heap": kept, "model": model, "threads": threads, "steps": steps,
             "pairs_per_step": batch, "prompt_tokens": prompt_tokens, "response_tokens": response_tokens,
             "rss_base_mib": base_rss, "peak_rss_mib": peak, "s_per_step": s, "step_times_s": times,
             "model_gflop_per_step": flops / 1e9, "achieved_gflops": flops / s / 1e9,

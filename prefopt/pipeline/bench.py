@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from prefopt import config as C
-from prefopt._alloc import bound_heap, release_heap, trim_heap
+from prefopt._alloc import bound_heap, keep_heap, release_heap, trim_heap
 from prefopt.backends import BACKENDS
 from prefopt.backends import rm as rm_backend
 from prefopt.backends import sft as sft_backend
@@ -435,8 +435,11 @@ def _checkpoint(progress: Progress, stages: Stages, key: str, stage: str, path_r
 def _run(cfg: BenchConfig, inputs: Inputs, folder: RunFolder, stages: Stages, evaluate_policies: bool,
          cache: StageCache, progress: Progress, own_cache: bool, t_start: float, extra_meta: dict) -> RunResult:
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
-    if cfg.bounded_heap:  # before the base is loaded (process-wide: a sweep process keeps it)
+    # before the base is loaded (process-wide, set by every run: a sweep process's cells may differ)
+    if cfg.bounded_heap:
         bound_heap()
+    else:
+        keep_heap()
     trim_heap(cfg.trim_heap)  # process-wide switch, set by every run
     dist = dist_state()
     hits: list[str] = []

@@ -93,7 +93,8 @@ class BenchConfig:
     device: str | None = field(default=None, metadata={"help": "torch device; default cuda if available else cpu."})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: all cores; use 1 per process when running several)."})
     bounded_heap: bool = field(default=False, metadata={"help": "Fix glibc's mmap threshold at 64 KiB so freed tensors go back "
-                               "to the OS: peak RSS of RM/DPO steps -35%, steps ~1.4x slower (measured; prefopt/_alloc.py)."})
+                               "to the OS: peak RSS of RM/DPO steps -35%, steps ~1.4x slower (measured; prefopt/_alloc.py). "
+                               "Off (the default): freed blocks stay in the heap for reuse (keep_heap)."})
     trim_heap: bool = field(default=False, metadata={"help": "Return the heap's free pages to the OS (glibc malloc_trim) after "
                             "every micro-batch's backward, sampling batch and PPO scoring pass: PPO stage peak RSS "
                             "2100 -> 1930 MiB, training passes ~9% slower (measured; prefopt/_alloc.py)."})
@@ -170,11 +171,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 0.02, not 6 of 32 at 0.05: conclusive at 3 of 4 seeds against 1 of 4 (results/ppo_default_search). The
     # reward model's and DPO's micro-batches of 256 tokens (not 1024 / 512): on these pairs (8 a step, ~12 + 16
     # tokens) their steps peak at 1581 / 1780 MiB against 2003 / 2193 at the same seconds a step
-    # (results/step_memory_default.json)
+    # (results/step_memory_default.json); DPO's of 128 since freed blocks stay in the heap (keep_heap): 1424 against
+    # 1784 MiB at 2.3 against 2.5 s a step (results/step_memory_keep.json). PPO's stay at 256: at 128 its stage took
+    # 166 s against 140 s
     "default": {
         "data": {"n_train": 64, "n_eval": 96, "pairs_per_prompt": 2, "max_new_tokens": 16},
         "rm": {"epochs": 1, "batch_size": 8, "learning_rate": 2e-3, "normalize_on": 64, "micro_batch_tokens": 256},
-        "dpo": {"batch_size": 8, "learning_rate": 1e-3, "micro_batch_tokens": 256},
+        "dpo": {"batch_size": 8, "learning_rate": 1e-3, "micro_batch_tokens": 128},
         "ppo": {"steps": 12, "batch_size": 16, "ppo_epochs": 2, "mini_batch_size": 16, "learning_rate": 1e-3,
                 "kl_coef": 0.02, "max_new_tokens": 16},
         "rloo": {"max_new_tokens": 16},  # not a default policy; added with --set policies=...,rloo, the same length
