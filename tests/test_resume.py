@@ -203,3 +203,26 @@ def test_one_process_per_run_and_a_torn_start_is_a_fresh_start(tmp_path):
     assert not fresh.resumed and not (tmp_path / "o.resume" / "done").exists()
     fresh.remove()
     assert not (tmp_path / "o.resume").exists()
+
+
+def test_checkpoint_tensors_file_reads_back_with_safetensors_as_the_same_tensors(tmp_path):
+    """The streaming writer against safetensors' own reader (and its writer, the naive form): every dtype a
+    checkpoint holds, empty and 0-d tensors, torch's RNG state; the same names, dtypes, shapes and values."""
+    from safetensors.torch import load_file, save_file
+
+    from prefopt.backends.checkpoint import write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"weights/a": torch.randn(3, 5, generator=g), "opt/0/step": torch.tensor(4.0),
+               "ids": torch.arange(7), "rng": torch.get_rng_state(), "empty": torch.zeros(0, 3),
+               "f64": torch.randn(4, generator=g, dtype=torch.float64), "mask": torch.tensor([True, False]),
+               "half": torch.randn(6, generator=g).to(torch.bfloat16), "i32": torch.tensor([1, -2], dtype=torch.int32)}
+    write_safetensors(tensors, tmp_path / "ours.safetensors")
+    save_file(tensors, str(tmp_path / "theirs.safetensors"))
+    ours, theirs = load_file(str(tmp_path / "ours.safetensors")), load_file(str(tmp_path / "theirs.safetensors"))
+    assert sorted(ours) == sorted(theirs) == sorted(tensors)
+    for k, t in tensors.items():
+        assert ours[k].dtype == t.dtype and ours[k].shape == t.shape and torch.equal(ours[k], t), k
+        assert torch.equal(ours[k], theirs[k])
+    with pytest.raises(TypeError, match="complex"):
+        write_safetensors({"c": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "c.safetensors")
