@@ -27,7 +27,8 @@ step's (64, 49152) scores, a micro-batch's activations) stays in the heap and is
 glibc would unmap it (above 32 MiB always) or trim it off the heap's top and the kernel would fault in and zero
 the same pages again. On this project's virtual machines a page fault costs microseconds: the rollout's entropy
 pass over 256 positions took 470-580 ms with glibc's defaults and 128-135 ms with the heap kept; reward-model and
-DPO steps were 10-30% faster at the same peak RSS (``benchmarks/step_memory.py``, ``+keep``). The price is
+DPO steps at 256-token micro-batches 2.5 -> 2.1 s and 3.2 -> 2.5 s, peaks within 40 MiB either way
+(``benchmarks/step_memory.py``, ``+keep``; results/step_memory_keep.json). The price is
 bounded retention: torch allocates 64-byte aligned, and a freed block of exactly the size asked for again is too
 small for the aligned request, so a loop of equal big tensors takes fresh blocks until freed neighbours merge (24
 rounds of 64 MiB: 6 blocks, then reuse; tests/test_memory_bounds.py counts the page faults). What the heap holds

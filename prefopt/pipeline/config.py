@@ -171,9 +171,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 0.02, not 6 of 32 at 0.05: conclusive at 3 of 4 seeds against 1 of 4 (results/ppo_default_search). The
     # reward model's and DPO's micro-batches of 256 tokens (not 1024 / 512): on these pairs (8 a step, ~12 + 16
     # tokens) their steps peak at 1581 / 1780 MiB against 2003 / 2193 at the same seconds a step
-    # (results/step_memory_default.json); DPO's of 128 since freed blocks stay in the heap (keep_heap): 1424 against
-    # 1784 MiB at 2.3 against 2.5 s a step (results/step_memory_keep.json). PPO's stay at 256: at 128 its stage took
-    # 166 s against 140 s
+    # (results/step_memory_default.json); DPO's of 128 since freed blocks stay in the heap (keep_heap): a step peaks
+    # at 1405 against 1811 MiB (results/step_memory_keep.json), and the bench's DPO stage took 58.8 s against 57.4
+    # at 256 (results/bench_speed_heap.json). PPO's stay at 256: at 128 its stage took 166 s against 140 s
     "default": {
         "data": {"n_train": 64, "n_eval": 96, "pairs_per_prompt": 2, "max_new_tokens": 16},
         "rm": {"epochs": 1, "batch_size": 8, "learning_rate": 2e-3, "normalize_on": 64, "micro_batch_tokens": 256},
