@@ -86,12 +86,7 @@ def release_heap(force: bool = False) -> None:
 def bound_heap(threshold: int = THRESHOLD) -> bool:
     """Fix glibc's mmap threshold (True when it was set), and the trim threshold back at glibc's 128 KiB (a
     :func:`keep_heap` earlier in the process raised it)."""
-    if _user_malloc_settings():
-        return False
-    try:
-        return bool(_LIBC.mallopt(M_MMAP_THRESHOLD, threshold) and _LIBC.mallopt(M_TRIM_THRESHOLD, 128 * 1024))
-    except AttributeError:  # not glibc (musl, macOS), or no libc found: nothing to do
-        return False
+    return _set_thresholds(threshold, 128 * 1024)
 
 
 def _user_malloc_settings() -> bool:
@@ -101,10 +96,14 @@ def _user_malloc_settings() -> bool:
 
 def keep_heap() -> bool:
     """Keep freed blocks in the heap for reuse (prefopt's default; see the module docstring). True when set."""
+    return _set_thresholds(KEEP_MMAP_THRESHOLD, KEEP_TRIM_THRESHOLD)
+
+
+def _set_thresholds(mmap: int, trim: int) -> bool:
+    """glibc's mmap and trim thresholds (True when both were set), unless the user set malloc's own."""
     if _user_malloc_settings():
         return False
     try:
-        return bool(_LIBC.mallopt(M_MMAP_THRESHOLD, KEEP_MMAP_THRESHOLD)
-                    and _LIBC.mallopt(M_TRIM_THRESHOLD, KEEP_TRIM_THRESHOLD))
-    except AttributeError:
+        return bool(_LIBC.mallopt(M_MMAP_THRESHOLD, mmap) and _LIBC.mallopt(M_TRIM_THRESHOLD, trim))
+    except AttributeError:  # not glibc (musl, macOS), or no libc found: nothing to do
         return False
