@@ -99,6 +99,57 @@ def test_seed_changes_pairs_and_weights(tmp_path):
     assert any(not torch.equal(w0[k], w1[k]) for k in w0)
 
 
+def test_dpo_reference_logps_recorded_while_sampling_equal_a_forward_pass(monkeypatch):
+    """Synthetic pairs carry the reference's log-probs of both responses from the sampling steps; DPO takes them
+    instead of its pass over every pair. The naive form: that pass (dpo._reference_logps without them). A pair
+    recorded under another reference, or whose ids no longer match what DPO encodes, gets the forward pass."""
+    from prefopt.backends import dpo
+    from prefopt.backends._common import REF_LOGPS, encode_pairs
+    from prefopt.pipeline.stages import reference_id
+
+    lm, tok = load_base("tiny", device=torch.device("cpu"), seed=0)
+    shared = SharedBase(lm, tok, LoraSettings(r=4, alpha=8))
+    cfg = preset("smoke")
+    cfg.data.k, cfg.data.pairs_per_prompt = 3, 2
+    pairs = synthesize_pairs(shared, VaderJudge(), sentiment_prompts()[:8], cfg, advance=lambda n: None)
+    ref = reference_id(cfg, shared.device)
+    assert len(pairs) == 16 and all(p.meta[REF_LOGPS]["reference"] == ref for p in pairs)
+    enc = encode_pairs(pairs, tok, cfg.dpo.max_prompt_tokens, cfg.dpo.max_response_tokens)
+    known = dpo._recorded(pairs, enc, ref)
+    # a response whose text does not re-encode to the ids it was sampled as (the character tokenizer folds some
+    # whitespace; SmolLM2's BPE: 13 of 256 in the default run) is computed; the rest are taken
+    todo = [i for i in range(16) if known[0][i] is None or known[1][i] is None]
+    assert 0 < len(todo) <= 4
+    naive = dpo._reference_logps(shared, cfg.dpo, enc, shared.device)
+
+    calls = []
+    real = dpo._sequence_logps
+    monkeypatch.setattr(dpo, "_sequence_logps", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    fast = dpo._reference_logps(shared, cfg.dpo, enc, shared.device, known)
+    assert calls == [len(todo), len(todo)]  # one pass over those pairs only, chosen and rejected
+    for a, b in zip(fast, naive):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-4)
+        assert not torch.equal(a, torch.zeros_like(a))
+
+    # another reference, or ids that changed (a longer prompt limit, edited text): those pairs are computed
+    assert dpo._recorded(pairs, enc, "another-reference") == ([None] * 16, [None] * 16)
+    j = next(i for i in range(16) if i not in todo)
+    enc.chosen_ids[j] = enc.chosen_ids[j][:-1] + [enc.chosen_ids[j][-1] % 50 + 1]
+    assert dpo._recorded(pairs, enc, ref)[0][j] is None
+    calls.clear()
+    mixed = dpo._reference_logps(shared, cfg.dpo, enc, shared.device, dpo._recorded(pairs, enc, ref))
+    assert calls == [len(todo) + 1] * 2
+    kept = [i for i in range(16) if i not in todo and i != j]
+    assert torch.equal(mixed[0][kept], fast[0][kept]) and torch.equal(mixed[1][kept], fast[1][kept])
+    again = dpo._reference_logps(shared, cfg.dpo, enc, shared.device)
+    assert torch.allclose(mixed[0][j], again[0][j], rtol=1e-5, atol=1e-5) and not torch.isclose(mixed[0][j], fast[0][j])
+
+    # sampled at another temperature, the recorded log-probs are not the reference's: none are kept
+    cfg.data.temperature = 0.7
+    assert not any(REF_LOGPS in p.meta for p in synthesize_pairs(shared, VaderJudge(), sentiment_prompts()[:4], cfg,
+                                                                 advance=lambda n: None))
+
+
 def test_synthetic_pairs_round_trip_through_their_file(tmp_path):
     """What the cache and run folders store loads back as exactly the pairs that were synthesised, blank and
     whitespace responses of a tiny model included."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from dataclasses import dataclass, fields
 from typing import Callable, Sequence
@@ -34,6 +36,39 @@ class TrainData:
     demos: Sequence = ()  # Demonstrations (the SFT stage); SFT as a policy (Preferred-FT) uses the pairs' chosen
     score_fn: "ScoreFn | None" = None
     reward_model: object | None = None
+    reference_id: str | None = None  # names this run's pi_ref: pairs' recorded reference log-probs must carry it
+
+
+# ------------------------------------------------------------------------------------------------ reference log-probs
+REF_LOGPS = "ref_logps"
+"""The ``meta`` key of a pair whose responses were sampled from the reference: ``{"reference": <id>, "chosen":
+[logp, digest], "rejected": [logp, digest]}``, each side's sum_t log pi_ref(y_t | .) recorded while sampling (at
+temperature 1) and the digest of the exact (prompt ids, response ids) it belongs to. DPO takes it instead of a
+forward pass when the reference and the ids it encodes match; anything else is computed."""
+
+
+def ids_digest(prompt_ids: Sequence[int], response_ids: Sequence[int]) -> str:
+    return hashlib.sha256(json.dumps([list(prompt_ids), list(response_ids)]).encode()).hexdigest()[:16]
+
+
+def ref_logps_record(reference_id: str, chosen: tuple[Sequence[int], Sequence[int], float],
+                     rejected: tuple[Sequence[int], Sequence[int], float]) -> dict:
+    """The :data:`REF_LOGPS` value for a pair from (prompt ids, response ids, recorded log-prob) of each side."""
+    return {"reference": reference_id,
+            **{side: [float(lp), ids_digest(p, r)] for side, (p, r, lp) in (("chosen", chosen), ("rejected", rejected))}}
+
+
+def recorded_ref_logp(pair: PreferencePair, side: str, prompt_ids: Sequence[int], response_ids: Sequence[int],
+                      reference_id: str | None) -> float | None:
+    """The recorded log pi_ref of ``pair``'s ``side`` if it was recorded under ``reference_id`` for exactly these
+    ids (a pair from a file made with another model, another length limit or other text gets None)."""
+    rec = pair.meta.get(REF_LOGPS)
+    if reference_id is None or not isinstance(rec, dict) or rec.get("reference") != reference_id:
+        return None
+    got = rec.get(side)
+    if not (isinstance(got, list) and len(got) == 2 and isinstance(got[0], (int, float)) and isinstance(got[1], str)):
+        return None
+    return float(got[0]) if got[1] == ids_digest(prompt_ids, response_ids) else None
 
 
 def encode_training_prompts(prompts: Sequence, tokenizer, max_tokens: int) -> list[list[int]]:

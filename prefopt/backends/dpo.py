@@ -31,6 +31,7 @@ from prefopt.backends._common import (
     no_op,
     pair_micro_batches,
     pair_stats,
+    recorded_ref_logp,
     shard,
     sum_across,
 )
@@ -106,23 +107,39 @@ def _sequence_logps(lm, prompts, responses, pad_id, device, mean: bool = False) 
     return total / batch.response_lengths.clamp(min=1) if mean else total
 
 
-def _reference_logps(shared: SharedBase, cfg: DPOConfig, enc, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequence log-probs of chosen and rejected under pi_ref (base, adapters off), once; zeros for SimPO."""
+def _reference_logps(shared: SharedBase, cfg: DPOConfig, enc, device, known=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence log-probs of chosen and rejected under pi_ref (base, adapters off), once; zeros for SimPO.
+
+    ``known``: (chosen, rejected) lists of log-probs already recorded (None where not): what the reference computed
+    while it sampled these very responses (:func:`recorded_ref_logp`); only the rest take a forward pass."""
     n, tok = len(enc), shared.tokenizer
     ref_chosen, ref_rejected = torch.zeros(n), torch.zeros(n)
     if cfg.loss_type in REFERENCE_FREE:
         return ref_chosen, ref_rejected
+    known_c, known_r = known if known is not None else ([None] * n, [None] * n)
+    todo = [i for i in range(n) if known_c[i] is None or known_r[i] is None]
     dist = dist_state()
-    chunks = shard(range(0, n, 2 * cfg.batch_size), dist)  # each rank its share of the chunks, then summed
+    chunks = shard(range(0, len(todo), 2 * cfg.batch_size), dist)  # each rank its share of the chunks, then summed
     with torch.no_grad(), shared.reference() as lm:
         for i in chunks:
-            sl = slice(i, i + 2 * cfg.batch_size)
-            ref_chosen[sl] = _sequence_logps(lm, enc.prompt_ids[sl], enc.chosen_ids[sl], tok.pad_token_id, device).float().cpu()
-            ref_rejected[sl] = _sequence_logps(lm, enc.prompt_ids[sl], enc.rejected_ids[sl], tok.pad_token_id, device).float().cpu()
+            rows = todo[i : i + 2 * cfg.batch_size]
+            prompts = [enc.prompt_ids[k] for k in rows]
+            ref_chosen[rows] = _sequence_logps(lm, prompts, [enc.chosen_ids[k] for k in rows], tok.pad_token_id, device).float().cpu()
+            ref_rejected[rows] = _sequence_logps(lm, prompts, [enc.rejected_ids[k] for k in rows], tok.pad_token_id, device).float().cpu()
     if dist.num_processes > 1:
         both = sum_across(torch.stack([ref_chosen, ref_rejected]).to(device), dist).cpu()
         ref_chosen, ref_rejected = both[0], both[1]
+    done = set(todo)
+    for i in range(n):  # after the sum: every rank holds the recorded values once
+        if i not in done:
+            ref_chosen[i], ref_rejected[i] = known_c[i], known_r[i]
     return ref_chosen, ref_rejected
+
+
+def _recorded(pairs, enc, reference_id: str | None):
+    """Each pair's recorded reference log-probs for its encoded ids (None where there are none or they do not fit)."""
+    return ([recorded_ref_logp(p, "chosen", enc.prompt_ids[i], enc.chosen_ids[i], reference_id) for i, p in enumerate(pairs)],
+            [recorded_ref_logp(p, "rejected", enc.prompt_ids[i], enc.rejected_ids[i], reference_id) for i, p in enumerate(pairs)])
 
 
 def _steps(lm, cfg: DPOConfig, enc, ref, params, opt, sched, batches, on_step, step: int, epoch_of, device, pad_id,
@@ -189,7 +206,7 @@ def train(
     if saved is not None:  # the reference log-probs come with the checkpoint, not from another pass
         ref, step = (saved.tensors["ref_chosen"], saved.tensors["ref_rejected"]), saved.step
     else:
-        ref, step = _reference_logps(shared, cfg, enc, device), 0
+        ref, step = _reference_logps(shared, cfg, enc, device, _recorded(data.pairs, enc, data.reference_id)), 0
 
     def save(step: int, j: int) -> None:
         if checkpoint is not None and checkpoint.due(step, len(schedule)):

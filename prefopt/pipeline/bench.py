@@ -28,7 +28,7 @@ from prefopt._alloc import bound_heap, keep_heap, release_heap, trim_heap
 from prefopt.backends import BACKENDS
 from prefopt.backends import rm as rm_backend
 from prefopt.backends import sft as sft_backend
-from prefopt.backends._common import TrainData, dist_state
+from prefopt.backends._common import REF_LOGPS, TrainData, dist_state, ref_logps_record
 from prefopt.data.io import load_pairs, read_demos, read_pairs, read_prompts, write_pairs, write_prompts
 from prefopt.data.judges import Judge, load_judge
 from prefopt.data.records import PreferencePair, PromptRecord, prompt_key
@@ -44,7 +44,7 @@ from prefopt.models.rewards import SequenceClassifierReward, text_score_fn
 from prefopt.models.shared import SharedBase
 from prefopt.pipeline.config import EMBEDDED_PROMPTS, BenchConfig, Policy
 from prefopt.pipeline.resume import Progress, find_unfinished, run_spec
-from prefopt.pipeline.stages import Claim, StageCache, file_digest, fingerprint, pairs_spec, rm_spec, sft_spec
+from prefopt.pipeline.stages import Claim, StageCache, file_digest, fingerprint, pairs_spec, reference_id, rm_spec, sft_spec
 from prefopt.reports.run import FILES, RunFolder, fill_run
 
 POLICY_INFO = "policy.json"
@@ -199,19 +199,26 @@ def load_inputs(cfg: BenchConfig) -> Inputs:
 
 
 # ------------------------------------------------------------------------------------------------ stages
-def synthesize_pairs(shared: SharedBase, judge, prompts: list[PromptRecord], cfg: BenchConfig, advance) -> list[PreferencePair]:
-    """AlpacaFarm-style: k reference samples per prompt, gold-scored, labelled by the simulated annotator."""
+def synthesize_pairs(shared: SharedBase, judge, prompts: list[PromptRecord], cfg: BenchConfig, advance,
+                     sft_key: str | None = None) -> list[PreferencePair]:
+    """AlpacaFarm-style: k reference samples per prompt, gold-scored, labelled by the simulated annotator.
+
+    At temperature 1 each pair also carries what the reference computed while sampling it: its log-probs of both
+    responses (``meta["ref_logps"]``, with the run's reference id and the ids' digest), which DPO then takes
+    instead of a forward pass over every pair (tests/test_pipeline.py checks them against that pass)."""
     d, tok = cfg.data, shared.tokenizer
     ids = encode_prompts([p.prompt for p in prompts], tok, d.max_prompt_tokens)
     flat = [p for p in ids for _ in range(d.k)]  # prompt i's k samples are rows i*k .. i*k+k-1
+    record = d.temperature == 1.0  # sampled at another temperature, the recorded log-probs are not pi_ref's
     with shared.reference() as lm:  # several processes share the batches (the same samples as one process)
-        responses = sample(lm, tok, flat, max_new_tokens=d.max_new_tokens, temperature=d.temperature,
-                           seed=cfg.seed, batch_size=d.gen_batch_size, on_batch=advance, dist=dist_state())
+        got = sample(lm, tok, flat, max_new_tokens=d.max_new_tokens, temperature=d.temperature,
+                     seed=cfg.seed, batch_size=d.gen_batch_size, on_batch=advance, dist=dist_state(), logprobs=record)
+    responses, logps = got if record else (got, None)
     texts = decode_responses(responses, tok)
     rendered = [render_prompt(p.prompt, tok) for p in prompts for _ in range(d.k)]
     scores = judge.score(rendered, texts)
     ended = ends_with_eos(responses, tok.eos_token_id)
-    eos = {}
+    eos, drawn = {}, {}
     grouped_texts, grouped_scores = [], []
     for i in range(len(prompts)):
         rows = range(i * d.k, (i + 1) * d.k)
@@ -219,16 +226,21 @@ def synthesize_pairs(shared: SharedBase, judge, prompts: list[PromptRecord], cfg
         grouped_scores.append([float(scores[j]) for j in rows])
         for j in rows:
             eos[(i, texts[j])] = ended[j]
+            drawn[(i, texts[j])] = j
     pairs = simulate_preferences(
         [p.prompt for p in prompts], grouped_texts, grouped_scores,
         annotator=d.annotators or d.annotator, pairs_per_prompt=d.pairs_per_prompt, seed=cfg.seed,
     )
     # remember which responses were cut at the length cap, so training does not append an EOS they never had
     index = {prompt_key(p.prompt): i for i, p in enumerate(prompts)}
+    ref = reference_id(cfg, shared.device, sft_key) if record else None
     for pair in pairs:
         i = index[prompt_key(pair.prompt)]
         pair.meta["chosen_eos"] = eos[(i, pair.chosen)]
         pair.meta["rejected_eos"] = eos[(i, pair.rejected)]
+        if record:
+            c, r = drawn[(i, pair.chosen)], drawn[(i, pair.rejected)]
+            pair.meta[REF_LOGPS] = ref_logps_record(ref, (flat[c], responses[c], logps[c]), (flat[r], responses[r], logps[r]))
     return pairs
 
 
@@ -496,7 +508,7 @@ def _run(cfg: BenchConfig, inputs: Inputs, folder: RunFolder, stages: Stages, ev
                 reused("pairs", "synthetic pairs", time.perf_counter() - t0, f"{len(train_pairs)} pairs ")
             else:
                 with stages.stage("synthetic pairs", total=len(inputs.train) * cfg.data.k) as adv:
-                    train_pairs = synthesize_pairs(shared, inputs.judge, inputs.train, cfg, adv)
+                    train_pairs = synthesize_pairs(shared, inputs.judge, inputs.train, cfg, adv, sft_key)
                 claim.store(lambda d: write_pairs(d / FILES["pairs"], train_pairs))
     if not train_pairs:
         raise PrefoptError("no preference pairs to train on (every prompt's samples were identical?): raise data.k "
@@ -535,9 +547,10 @@ def _run(cfg: BenchConfig, inputs: Inputs, folder: RunFolder, stages: Stages, ev
         ref_path = _path_point(shared, None, path_prompts, inputs.judge, cfg, proxy, None, path_rows, REFERENCE, 0, 0.0)
     policy_info = {}
     samplers: dict[str, BestOfN] = {}
+    ref_id = reference_id(cfg, shared.device, sft_key)
     for name, pol in inputs.policies.items():
         spec = getattr(pol.config, "reward", None)
-        data = TrainData(pairs=train_pairs, prompts=inputs.train, reward_model=rm,
+        data = TrainData(pairs=train_pairs, prompts=inputs.train, reward_model=rm, reference_id=ref_id,
                          score_fn=reward_fn(spec, rm, inputs.judge, tok, inputs.text_rewards) if spec else None)
         policy_info[name] = {"backend": pol.backend, "config": C.to_dict(pol.config)}
         if not getattr(pol.module, "TRAINS", True):  # best-of-n: nothing to train or save but its config

@@ -157,7 +157,7 @@ def synth_pairs(cfg, out: str | os.PathLike, *, overwrite: bool = False, console
             lm, tok = base_model(cfg.model, pick_device(cfg.device))
         shared = SharedBase(lm, tok, cfg.lora)
         with stages.stage("synthetic pairs", total=len(inputs.train) * cfg.data.k) as advance:
-            pairs = synthesize_pairs(shared, inputs.judge, inputs.train, cfg, advance)
+            pairs = synthesize_pairs(shared, inputs.judge, inputs.train, cfg, advance)  # no SFT stage here
         write_pairs(tmp, pairs)
         os.replace(tmp, target)
         return target, len(pairs), time.perf_counter() - t0

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import prefopt
 from prefopt.pipeline.config import EMBEDDED_PROMPTS, BenchConfig
 
-STAGE_VERSIONS = {"pairs": 1, "rm": 1, "sft": 1}
+STAGE_VERSIONS = {"pairs": 2, "rm": 1, "sft": 1}
 DONE = "stage.json"
 
 
@@ -71,6 +71,15 @@ def pairs_spec(cfg: BenchConfig, sft_key: str | None = None) -> dict:
     if sft_key is not None:  # sampled from the SFT model
         spec["sft"] = sft_key
     return spec
+
+
+def reference_id(cfg: BenchConfig, device, sft_key: str | None = None) -> str:
+    """Names the run's pi_ref (base model, SFT stage, device and dtype): reference log-probs recorded under one
+    are used only under the same one."""
+    from prefopt.models.base import pick_dtype
+
+    return fingerprint({"model": model_identity(cfg.model), "sft": sft_key, "device": str(device),
+                        "dtype": str(pick_dtype(device))})
 
 
 def rm_spec(cfg: BenchConfig, pairs_key: str, sft_key: str | None = None) -> dict:
