@@ -226,3 +226,23 @@ def test_checkpoint_tensors_file_reads_back_with_safetensors_as_the_same_tensors
         assert torch.equal(ours[k], theirs[k])
     with pytest.raises(TypeError, match="complex"):
         write_safetensors({"c": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "c.safetensors")
+
+
+def test_checkpoint_tensors_file_on_a_big_endian_host_goes_through_safetensors_own_writer(tmp_path, monkeypatch):
+    """The streaming writer copies each tensor's memory as the file's bytes, which are little-endian: on a
+    big-endian host safetensors' writer (which converts) writes the file instead, read back as the same tensors."""
+    from types import SimpleNamespace
+
+    import safetensors.torch as st
+
+    from prefopt.backends import checkpoint
+
+    calls = []
+    real = st.save_file
+    monkeypatch.setattr(st, "save_file", lambda t, p, **kw: calls.append(p) or real(t, p, **kw))
+    monkeypatch.setattr(checkpoint, "sys", SimpleNamespace(byteorder="big"))
+    tensors = {"w": torch.arange(6.0).reshape(2, 3).t(), "ids": torch.arange(3)}  # one not contiguous
+    checkpoint.write_safetensors(tensors, tmp_path / "b.safetensors")
+    assert calls == [str(tmp_path / "b.safetensors")]
+    back = st.load_file(str(tmp_path / "b.safetensors"))
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())

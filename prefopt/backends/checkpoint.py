@@ -18,6 +18,7 @@ import json
 import os
 import random
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -67,7 +68,13 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     written straight from its own memory. ``safetensors.torch.save_file`` first builds the whole file in one
     buffer: a PPO step's 58 MB checkpoint (adapter, Adam moments) sat on top of the stage's heap and set the
     default bench's peak RSS (2084 MiB, at the save). Read back by ``safetensors.torch.load_file`` as the same
-    tensors (tests/test_resume.py)."""
+    tensors (tests/test_resume.py). On a big-endian host (where a tensor's memory is not the file's byte order)
+    safetensors' own writer, which converts, does it instead."""
+    if sys.byteorder != "little":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+        return
     names = sorted(tensors)
     header: dict[str, Any] = {}
     offset = 0
