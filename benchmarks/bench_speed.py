@@ -97,7 +97,9 @@ def main() -> None:
                   flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    doc = {"benchmark": "bench_speed", "command": "python benchmarks/bench_speed.py " + " ".join(sys.argv[1:]),
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("PREFOPT_BASE_CACHE",) if k in os.environ)
+    doc = {"benchmark": "bench_speed",
+           "command": (env + " " if env else "") + "python benchmarks/bench_speed.py " + " ".join(sys.argv[1:]),
            "threads": os.cpu_count(), "rows": rows}
     if len(rows) > 1:
         doc["wall_ratio"] = round(rows[0]["wall_s"] / rows[1]["wall_s"], 3)
