@@ -34,7 +34,7 @@ app = typer.Typer(
 err = Console(stderr=True)
 out = Console()
 
-PRESET = typer.Option("default", help="Starting config: 'default' (SmolLM2-135M, sentiment, ~6 min on 2 cores), 'full' "
+PRESET = typer.Option("default", help="Starting config: 'default' (SmolLM2-135M, sentiment, ~4-6 min on 2 cores), 'full' "
                       "(the same at 4x the work, ~26 min) or 'smoke' (tiny model, seconds).")
 CONFIG = typer.Option(None, "--config", help="Config file (YAML, TOML or JSON); `prefopt config --json` writes one.")
 SET = typer.Option(None, "--set", help="Override a field: --set ppo.kl_coef=0.1 (repeatable; `prefopt config` lists fields).")
