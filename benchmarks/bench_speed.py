@@ -26,6 +26,9 @@ from pathlib import Path
 
 def run_one(label: str, preset: str, sets: list[str], work: Path, code: str | None = None) -> dict:
     out = work / f"run-{label}"
+    # "env:VAR=VALUE" items set the run's environment (e.g. env:LD_PRELOAD=... to try another allocator)
+    env = dict(os.environ) | {k: v for k, _, v in (s[4:].partition("=") for s in sets if s.startswith("env:"))}
+    sets = [s for s in sets if not s.startswith("env:")]
     cmd = [sys.executable, "-m", "prefopt", "bench", "--preset", preset, "--out", str(out), "--overwrite"]
     # `python -m` puts the working directory first on the path: run in another checkout (e.g. a worktree of the
     # 'before' commit) to run its prefopt
@@ -35,7 +38,7 @@ def run_one(label: str, preset: str, sets: list[str], work: Path, code: str | No
     log = work / f"{label}.log"
     t0 = time.perf_counter()
     with log.open("w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=cwd)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=cwd, env=env)
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage: its peak RSS
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -46,7 +49,9 @@ def run_one(label: str, preset: str, sets: list[str], work: Path, code: str | No
     table = {p: {m.split("/")[1]: [round(rows[(p, m)][k], 3) for k in ("mean", "lo", "hi")]
                  for m in ("eval/gold_reward", "eval/kl_to_ref", "eval/win_rate_vs_ref") if (p, m) in rows}
              for p in doc["policies"]}
-    return {"label": label, "code": code or ".", "commit": _commit(code or "."), "preset": preset, "sets": sets, "command": "prefopt " + " ".join(cmd[3:]), "wall_s": round(wall, 1),
+    return {"label": label, "code": code or ".", "commit": _commit(code or "."), "preset": preset, "sets": sets,
+            "env": {k: v for k, v in env.items() if os.environ.get(k) != v},
+            "command": "prefopt " + " ".join(cmd[3:]), "wall_s": round(wall, 1),
             "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
             "stage_s": doc["meta"]["timings_s"], "table": table,
             "comparison_md": (out / "comparison.md").read_text()}
@@ -66,8 +71,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--presets", default="default", help="Presets to run, in order (the first is 'after').")
     ap.add_argument("--run", dest="runs", action="append", default=[],
-                    help="LABEL[@CODE_DIR]=PRESET[;KEY=VALUE...]: one run with its own overrides, optionally with the "
-                         "prefopt of another checkout (repeatable; replaces --presets).")
+                    help="LABEL[@CODE_DIR]=PRESET[;KEY=VALUE...]: one run with its own overrides (env:VAR=VALUE sets "
+                         "an environment variable of that run), optionally with the prefopt of another checkout "
+                         "(repeatable; replaces --presets).")
     ap.add_argument("--keep", help="Copy every run's folder to KEEP/LABEL.")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="An override for every run.")
     ap.add_argument("--out", required=True)

@@ -35,6 +35,18 @@ rounds of 64 MiB: 6 blocks, then reuse; tests/test_memory_bounds.py counts the p
 free at a stage's end goes back then (:func:`release_heap` with ``force``: ``malloc_trim`` ignores the trim
 threshold).
 
+**The allocator itself.** What keeps a stage's peak above its live tensors is glibc's handling of torch's
+64-byte aligned requests (``posix_memalign``): glibc before 2.38 does not reuse a free chunk for an aligned
+request unless it fits with its alignment slack, so a run of big tensors keeps taking fresh memory. Probed at the
+PPO stage's peak (``benchmarks/heap_probe.py``): about 1.1 GiB of live heap blocks and 0.7-1.0 GiB of free ones
+kept. jemalloc reuses its size classes: the default bench peaks ~460 MiB lower under it, the same tables to the
+last digit (``benchmarks/bench_speed.py``, ``env:LD_PRELOAD=...``; results/bench_speed_jemalloc.json). So the
+``prefopt`` command runs itself under jemalloc where ``libjemalloc.so.2`` is installed: :func:`use_allocator`
+re-executes the process (same pid, same arguments) with it preloaded before anything is imported.
+``PREFOPT_MALLOC`` chooses: ``auto`` (the default: jemalloc where found), ``jemalloc`` (an error where it is
+not) or ``system`` (the C library's malloc, with the thresholds above). Linux only. Under jemalloc the glibc
+settings here (``bounded_heap``, ``trim_heap``) have nothing to act on.
+
 Only on glibc; a ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` (or ``GLIBC_TUNABLES`` malloc setting)
 the user set wins.
 """
@@ -45,6 +57,7 @@ import ctypes
 import ctypes.util
 import gc
 import os
+import sys
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers
 M_MMAP_THRESHOLD = -3
@@ -107,3 +120,73 @@ def _set_thresholds(mmap: int, trim: int) -> bool:
         return bool(_LIBC.mallopt(M_MMAP_THRESHOLD, mmap) and _LIBC.mallopt(M_TRIM_THRESHOLD, trim))
     except AttributeError:  # not glibc (musl, macOS), or no libc found: nothing to do
         return False
+
+
+ALLOCATOR_ENV = "PREFOPT_MALLOC"
+_REEXEC_MARK = "PREFOPT_MALLOC_REEXEC"  # set in the re-executed process: never twice
+JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+                  "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
+# jemalloc's options when prefopt preloads it (a MALLOC_CONF the user set wins). None: jemalloc's own defaults,
+# which return unused pages after ~10 s. Never returning them (dirty_decay_ms:-1,muzzy_decay_ms:-1) took the
+# default bench to a 9664 MiB peak for 262 s wall against 1597 MiB and 282 s (one run each, 2026-12-03)
+JEMALLOC_CONF = None
+
+
+class AllocatorError(ValueError):
+    """PREFOPT_MALLOC names something prefopt cannot do (mapped to a one-line error by the entry point)."""
+
+
+def find_jemalloc() -> str | None:
+    """Path (or soname) of an installed libjemalloc.so.2, or None."""
+    for path in JEMALLOC_PATHS:
+        if os.path.isfile(path):
+            return path
+    name = ctypes.util.find_library("jemalloc")
+    return name if name and name.startswith("libjemalloc.so") else None
+
+
+def allocator_env(environ: dict, jemalloc: str | None, platform: str = sys.platform) -> dict | None:
+    """The environment to re-execute this process with (None: run as it is). Pure: ``environ`` is the current
+    environment, ``jemalloc`` what :func:`find_jemalloc` found."""
+    choice = (environ.get(ALLOCATOR_ENV) or "auto").strip().lower()
+    if choice not in ("auto", "jemalloc", "system"):
+        raise AllocatorError(f"{ALLOCATOR_ENV}={environ.get(ALLOCATOR_ENV)!r}: expected auto, jemalloc or system")
+    if choice == "system" or environ.get(_REEXEC_MARK) or "jemalloc" in environ.get("LD_PRELOAD", ""):
+        return None
+    if platform != "linux" or jemalloc is None:
+        if choice == "jemalloc":
+            raise AllocatorError(f"{ALLOCATOR_ENV}=jemalloc: no libjemalloc.so.2 found on this {platform} machine; "
+                                 "install it (Debian/Ubuntu: apt-get install libjemalloc2) or unset "
+                                 f"{ALLOCATOR_ENV}")
+        return None
+    env = dict(environ)
+    env["LD_PRELOAD"] = " ".join(p for p in (jemalloc, environ.get("LD_PRELOAD", "")) if p)
+    env[_REEXEC_MARK] = "1"
+    if JEMALLOC_CONF and "MALLOC_CONF" not in environ:
+        env["MALLOC_CONF"] = JEMALLOC_CONF
+    return env
+
+
+def use_allocator() -> None:
+    """Re-execute this process under jemalloc when :func:`allocator_env` says so (call first thing in an entry
+    point: ``os.execve`` keeps the pid, so ``accelerate launch`` and signal handling see the same process).
+    Where the exec fails, the run goes on with the system allocator."""
+    env = allocator_env(dict(os.environ), find_jemalloc())
+    if env is None:
+        return
+    argv = [sys.executable, *sys.orig_argv[1:]]
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, argv, env)
+    except OSError:
+        return
+
+
+def active_allocator() -> str:
+    """"jemalloc" when it is mapped into this process, else "system"."""
+    try:
+        with open("/proc/self/maps") as f:
+            return "jemalloc" if "libjemalloc" in f.read() else "system"
+    except OSError:
+        return "system"

@@ -342,7 +342,9 @@ def data_synth(
 
 
 def main() -> None:
-    app()
+    from prefopt.__main__ import main as entry  # the allocator re-exec, then app
+
+    entry()
 
 
 if __name__ == "__main__":

@@ -94,6 +94,8 @@ def test_accelerate_launch_runs_the_whole_bench_on_two_processes(tmp_path):
     assert two.stdout.count("run folder:") == 1 and two.stderr.count("reward model: ") == 1  # rank 0 speaks
     a, b = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("one", "two"))
     assert a["meta"]["processes"] == 1 and b["meta"]["processes"] == 2
+    from prefopt._alloc import find_jemalloc
+    assert a["meta"]["allocator"] == b["meta"]["allocator"] == ("jemalloc" if find_jemalloc() else "system")
     assert (tmp_path / "one" / "pairs.jsonl").read_bytes() == (tmp_path / "two" / "pairs.jsonl").read_bytes()
     rows = lambda doc, pol: {r["metric"]: r for r in doc["summary"] if r["policy"] == pol}  # noqa: E731
     ref_a, ref_b = rows(a, "reference"), rows(b, "reference")

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from prefopt import config as C
-from prefopt._alloc import bound_heap, keep_heap, release_heap, trim_heap
+from prefopt._alloc import active_allocator, bound_heap, keep_heap, release_heap, trim_heap
 from prefopt.backends import BACKENDS
 from prefopt.backends import rm as rm_backend
 from prefopt.backends import sft as sft_backend
@@ -453,6 +453,10 @@ def _run(cfg: BenchConfig, inputs: Inputs, folder: RunFolder, stages: Stages, ev
     else:
         keep_heap()
     trim_heap(cfg.trim_heap)  # process-wide switch, set by every run
+    allocator = active_allocator()
+    if allocator == "jemalloc" and (cfg.bounded_heap or cfg.trim_heap):
+        stages.console.log("bounded_heap/trim_heap act on glibc's malloc, and this process runs jemalloc: they do "
+                           "nothing here (PREFOPT_MALLOC=system runs glibc's)", highlight=False)
     dist = dist_state()
     hits: list[str] = []
     resumed: list[str] = []  # what this start took from the progress of an earlier one
@@ -607,7 +611,7 @@ def _run(cfg: BenchConfig, inputs: Inputs, folder: RunFolder, stages: Stages, ev
     timings = dict(stages.timings, total=round(time.perf_counter() - t_start, 1))
     meta = {
         "versions": versions(), "seed": cfg.seed, "device": str(shared.device), "threads": torch.get_num_threads(),
-        "processes": dist.num_processes,
+        "processes": dist.num_processes, "allocator": allocator,
         "timings_s": timings, "peak_rss_mib_after": stages.peak_rss, "cache_hits": hits, "resumed": resumed, "n_train_prompts": len(inputs.train),
         "n_eval_prompts": len(inputs.eval), "n_pairs": len(train_pairs), "n_pairs_held_out": inputs.held_out,
         "n_held_out_eval_pairs": n_pairs_eval, "rm_score_offset": rm.offset if rm is not None else None,
