@@ -74,9 +74,8 @@ def main() -> None:
     th.start()
     from prefopt.cli import app
     t0 = time.perf_counter()
-    code = 0
-    try:
-        app(args=cmd, prog_name="prefopt", standalone_mode=False)
+    try:  # not standalone: click returns an Exit's code instead of raising it
+        code = app(args=cmd, prog_name="prefopt", standalone_mode=False) or 0
     except SystemExit as e:
         code = e.code or 0
     wall = time.perf_counter() - t0
@@ -88,6 +87,8 @@ def main() -> None:
            "peak": state["peak"], "trace": state["trace"]}
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
     p = state["peak"]
+    if p is None:
+        sys.exit(f"no sample taken (exit code {code})")
     print(f"peak RSS {p['rss_mib']} MiB at {p['t_s']} s: heap {p['arena_mib']} MiB (in use {p['in_use_mib']}, "
           f"free {p['free_mib']}), mapped {p['mapped_mib']}, other {p['other_mib']}")
 

@@ -38,8 +38,8 @@ threshold).
 **The allocator itself.** What keeps a stage's peak above its live tensors is glibc's handling of torch's
 64-byte aligned requests (``posix_memalign``): glibc before 2.38 does not reuse a free chunk for an aligned
 request unless it fits with its alignment slack, so a run of big tensors keeps taking fresh memory. Probed at the
-PPO stage's peak (``benchmarks/heap_probe.py``): about 1.1 GiB of live heap blocks and 0.7-1.0 GiB of free ones
-kept. jemalloc reuses its size classes: the default bench peaks ~460 MiB lower under it, the same tables to the
+PPO stage's peak (glibc's ``mallinfo2``, the method of ``benchmarks/heap_probe.py``): 0.8-1.1 GiB of live heap
+blocks and 0.7-1.0 GiB of free ones kept. jemalloc reuses its size classes: the default bench peaks ~460 MiB lower under it, the same tables to the
 last digit (``benchmarks/bench_speed.py``, ``env:LD_PRELOAD=...``; results/bench_speed_jemalloc.json). So the
 ``prefopt`` command runs itself under jemalloc where ``libjemalloc.so.2`` is installed: :func:`use_allocator`
 re-executes the process (same pid, same arguments) with it preloaded before anything is imported.
@@ -126,10 +126,9 @@ ALLOCATOR_ENV = "PREFOPT_MALLOC"
 _REEXEC_MARK = "PREFOPT_MALLOC_REEXEC"  # set in the re-executed process: never twice
 JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
                   "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
-# jemalloc's options when prefopt preloads it (a MALLOC_CONF the user set wins). None: jemalloc's own defaults,
-# which return unused pages after ~10 s. Never returning them (dirty_decay_ms:-1,muzzy_decay_ms:-1) took the
-# default bench to a 9664 MiB peak for 262 s wall against 1597 MiB and 282 s (one run each, 2026-12-03)
-JEMALLOC_CONF = None
+# jemalloc runs with its own defaults (no MALLOC_CONF set), which return unused pages after ~10 s. Never returning
+# them (dirty_decay_ms:-1,muzzy_decay_ms:-1) took the default bench to a 9664 MiB peak for 262 s wall against
+# 1597 MiB and 282 s (one run each, 2026-12-03)
 
 
 class AllocatorError(ValueError):
@@ -162,8 +161,6 @@ def allocator_env(environ: dict, jemalloc: str | None, platform: str = sys.platf
     env = dict(environ)
     env["LD_PRELOAD"] = " ".join(p for p in (jemalloc, environ.get("LD_PRELOAD", "")) if p)
     env[_REEXEC_MARK] = "1"
-    if JEMALLOC_CONF and "MALLOC_CONF" not in environ:
-        env["MALLOC_CONF"] = JEMALLOC_CONF
     return env
 
 
