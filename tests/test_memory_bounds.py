@@ -47,20 +47,50 @@ def test_chunked_head_equals_one_shot(tiny, monkeypatch):
         torch.testing.assert_close(ops.response_logprobs(lm, batch, 0.7), naive_lp * batch.response_mask)
 
 
+def _padded(g, lengths, rows):
+    return rows * len(g) * (max(lengths[i][0] for i in g) + max(max(lengths[i][1], 1) for i in g))
+
+
 def test_micro_batches_respect_the_token_budget():
     lengths = {0: (3, 5), 1: (2, 2), 2: (4, 1), 3: (10, 10), 4: (1, 1)}
     f = lengths.__getitem__
     assert micro_batches([0, 1, 2, 3, 4], f, None) == [[0, 1, 2, 3, 4]]
-    # padded widths: {0,1}: 2 x (3+5) = 16 <= 16; adding 2 -> 3 x (4+5) = 27 > 16
-    assert micro_batches([0, 1, 2, 3, 4], f, 16) == [[0, 1], [2], [3], [4]]
-    assert micro_batches([0, 1, 2, 3, 4], f, 24, rows_per_item=2) == [[0], [1, 2], [3], [4]]  # {1,2}: 2 x 2 x 6 = 24
+    # by length: 4 (2), 1 (4), 2 (5), 0 (8), 3 (20); {4,1,2}: 3 x (4+2) = 18 > 16, {4,1}: 2 x 4 = 8, {2,0}: 2 x 9
+    # = 18 > 16: four runs are the fewest (3 alone: 20, over budget by itself)
+    assert micro_batches([0, 1, 2, 3, 4], f, 16) == [[4, 1], [2], [0], [3]]
+    assert micro_batches([0, 1, 2, 3, 4], f, 24, rows_per_item=2) == [[4, 1], [2], [0], [3]]
     assert micro_batches([], f, 16) == []
-    for budget in (1, 7, 30, 100):  # order kept, every item once, every multi-item group within budget
-        groups = micro_batches(list(lengths), f, budget, rows_per_item=2)
-        assert [i for g in groups for i in g] == list(lengths)
-        for g in groups:
-            width = max(lengths[i][0] for i in g) + max(lengths[i][1] for i in g)
-            assert len(g) == 1 or 2 * len(g) * width <= budget
+    # 16 rollouts of 50 tokens under 256: 4 x 4, not the greedy 5 + 5 + 5 + 1
+    assert [len(g) for g in micro_batches(list(range(16)), lambda i: (18, 32), 256)] == [4, 4, 4, 4]
+
+
+def test_micro_batches_are_the_fewest_balanced_runs_of_the_length_order():
+    """Against brute force: every contiguous cut of the length-sorted order into runs within budget (a lone item
+    may exceed it); the function gives the fewest runs and, among those, the smallest largest run."""
+    import itertools
+
+    rng = random.Random(0)
+    for trial in range(300):
+        n = rng.randrange(1, 8)
+        lengths = {10 + k: (rng.randrange(1, 9), rng.randrange(0, 9)) for k in range(n)}
+        idx = list(lengths)
+        rng.shuffle(idx)
+        budget, rows = rng.choice((4, 10, 20, 40, 80)), rng.choice((1, 2))
+        groups = micro_batches(idx, lengths.__getitem__, budget, rows_per_item=rows)
+        assert sorted(i for g in groups for i in g) == sorted(idx)  # every item once
+        order = sorted(idx, key=lambda i: sum(lengths[i]))
+        assert [i for g in groups for i in g] == order
+        best = None
+        for k in range(1, n + 1):
+            for cuts in itertools.combinations(range(1, n), k - 1):
+                runs = [order[a:b] for a, b in zip((0, *cuts), (*cuts, n))]
+                if all(len(g) == 1 or _padded(g, lengths, rows) <= budget for g in runs):
+                    cost = max(_padded(g, lengths, rows) for g in runs)
+                    best = cost if best is None or cost < best else best
+            if best is not None:
+                break
+        assert len(groups) == k, (trial, groups)
+        assert max(_padded(g, lengths, rows) for g in groups) == best, (trial, groups)
 
 
 def _pairs(n=10, seed=0):

@@ -421,3 +421,39 @@ def test_states_recorded_while_sampling_equal_a_forward_pass(tiny):
     for i, r in enumerate(resp):
         assert states[i].shape == (len(r), naive.shape[-1])
         assert torch.allclose(states[i], naive[i, : len(r)], rtol=1e-4, atol=1e-5)
+
+
+def test_fused_lora_forward_equals_peft_forward_and_backward(tiny):
+    """The addmm LoRA forward against peft's own (``base(x) + B(A(x)) * scaling``): the same logits and the same
+    gradients of every adapter weight, with two roles, one active; adapters off is the base."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    lm, tok = tiny
+    shared = SharedBase(lm, tok, LoraSettings(r=4, alpha=12))  # scaling 3: a wrong alpha placement shows
+    shared.add_role("pol", seed=1)
+    shared.add_role("other", seed=2)
+    _perturb_adapters(shared)
+    layers = [m for m in shared.lm.modules() if type(m) is LoraLinear]
+    assert layers and all("forward" in vars(m) for m in layers)  # every LoRA layer runs the fused forward
+    ids = torch.tensor([tok("the movie was great").input_ids] * 3)
+
+    def run():
+        params = shared.adapter_parameters("pol")
+        for p in params:
+            p.grad = None
+        with shared.role("pol") as m:
+            out = m(input_ids=ids).logits
+        out.pow(2).mean().backward()
+        with torch.no_grad(), shared.reference() as m:
+            ref = m(input_ids=ids).logits
+        return out.detach(), [p.grad.clone() for p in params], ref
+
+    fused = run()
+    for m in layers:
+        del m.forward  # back to peft's class forward
+    plain = run()
+    torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(fused[0], fused[2])  # the adapter really changes the output
+    for g_fused, g_plain in zip(fused[1], plain[1], strict=True):
+        torch.testing.assert_close(g_fused, g_plain, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(fused[2], plain[2], rtol=0, atol=0)  # reference: peft's own path, base only

@@ -88,9 +88,11 @@ def response_hidden(hidden: torch.Tensor, batch: SeqBatch) -> torch.Tensor:
 def response_logits(lm, hidden: torch.Tensor, batch: SeqBatch, temperature: float = 1.0) -> torch.Tensor:
     """Logits for the response tokens only, divided by the sampling temperature: (B, R, V) in fp32.
 
-    Only R positions go through the LM head (the biggest matmul in a 135M model with a 49k vocab).
+    Only R positions go through the LM head (the biggest matmul in a 135M model with a 49k vocab). At temperature
+    1 no division runs (x / 1 is x, bit for bit): a (B, R, V) pass forward and another backward saved.
     """
-    return _head(lm.get_output_embeddings(), response_hidden(hidden, batch)).float() / temperature
+    logits = _head(lm.get_output_embeddings(), response_hidden(hidden, batch)).float()
+    return logits if temperature == 1 else logits / temperature
 
 
 def _head(head: torch.nn.Module, states: torch.Tensor) -> torch.Tensor:
@@ -132,7 +134,9 @@ def head_stats(lm, states: torch.Tensor, tokens: torch.Tensor, temperature: floa
     rows = max(1, LOGIT_POSITIONS // max(tokens.shape[1], 1))
     logps, ents, fulls = [], [], []
     for i in range(0, tokens.shape[0], rows):  # in place where the same values allow: two (rows, R, V) tensors at most
-        logits = _head(head, states[i : i + rows]).float().div_(temperature)  # the head's output is this chunk's own
+        logits = _head(head, states[i : i + rows]).float()  # the head's output is this chunk's own
+        if temperature != 1:
+            logits.div_(temperature)
         logps.append(gather_logprobs(logits, tokens[i : i + rows]))
         logp = torch.log_softmax(logits, dim=-1) if entropy or full else None
         del logits
