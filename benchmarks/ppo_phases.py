@@ -26,7 +26,7 @@ import ppo_memory  # noqa: E402
 import ppo_peer  # noqa: E402
 import step_memory  # noqa: E402
 
-PHASES = {"sample": "rollout sampling", "rm_score": "reward-model scoring",
+PHASES = {"sample": "rollout sampling", "sample_states": "rollout sampling", "rm_score": "reward-model scoring",
           "hidden_states": "scoring passes (trunk)", "logprob_stats": "scoring passes (LM head)",
           "accumulated_step": "update (forward + backward + step)"}
 
@@ -60,8 +60,8 @@ def main() -> None:
 
         setattr(owner, name, g)
 
-    for name in ("sample", "hidden_states", "logprob_stats", "accumulated_step"):
-        timed(P, name, name)
+    for name in ("sample", "sample_states", "hidden_states", "logprob_stats", "accumulated_step"):
+        timed(P, name, PHASES[name])
     counted = {"padded_tokens": 0, "response_positions": 0}
     plain_batch = P.make_batch
 
@@ -73,10 +73,10 @@ def main() -> None:
         return b
 
     P.make_batch = counting_batch
-    timed(RM.RewardModel, "score_ids", "rm_score")
+    timed(RM.RewardModel, "score_ids", PHASES["rm_score"])
     row = ppo_memory.run_layout("shared", ppo_peer.MODEL, args.steps, args.threads, ppo_overrides=dict(ppo_peer.SAME_WORK))
     total = sum(row["step_times_s"])
-    phases = {PHASES[k]: {"s_per_step": round(v / args.steps, 2), "share": round(v / total, 3)} for k, v in spent.items()}
+    phases = {k: {"s_per_step": round(v / args.steps, 2), "share": round(v / total, 3)} for k, v in spent.items()}
     other = total - sum(spent.values())
     phases["other (advantages, bookkeeping)"] = {"s_per_step": round(other / args.steps, 2), "share": round(other / total, 3)}
     import torch
@@ -88,7 +88,7 @@ def main() -> None:
     head = lm.get_output_embeddings().weight.numel()
     del lm
     flops = 4 * n_params * counted["padded_tokens"] + 4 * head * counted["response_positions"]
-    update_s = spent["accumulated_step"]
+    update_s = spent[PHASES["accumulated_step"]]
     flop_rate = {"update_gflop_per_step": round(flops / args.steps / 1e9, 1),
                  "update_achieved_gflops": round(flops / update_s / 1e9, 1),
                  "gemm_gflops_1024": round(step_memory.gemm_gflops(args.threads), 1),
