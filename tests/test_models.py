@@ -457,3 +457,17 @@ def test_fused_lora_forward_equals_peft_forward_and_backward(tiny):
     for g_fused, g_plain in zip(fused[1], plain[1], strict=True):
         torch.testing.assert_close(g_fused, g_plain, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(fused[2], plain[2], rtol=0, atol=0)  # reference: peft's own path, base only
+
+
+def test_mean_response_hidden_equals_a_loop_over_rows():
+    """The pooled state is each row's mean over its own response tokens (padding left out); an empty response
+    falls back to the prompt's last token."""
+    from prefopt.models import ops
+
+    batch = ops.make_batch([[5, 6, 7], [8], [9, 10]], [[1, 2, 3, 4], [1], []], pad_id=0, device="cpu")
+    hidden = torch.randn(3, batch.input_ids.shape[1], 4, generator=torch.Generator().manual_seed(0))
+    got = ops.mean_response_hidden(hidden, batch)
+    P = batch.prompt_width
+    for i, n in enumerate(batch.response_lengths.tolist()):
+        want = hidden[i, P : P + n].mean(0) if n else hidden[i, P - 1]
+        torch.testing.assert_close(got[i], want)

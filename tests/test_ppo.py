@@ -228,3 +228,48 @@ def test_rollout_states_from_sampling_train_like_a_second_forward(tmp_path):
         for k in ("train/kl", "train/entropy", "train/loss", "train/value_loss", "train/approx_kl"):
             assert a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-5), k
     assert all(torch.allclose(w_fast[k], w_naive[k], atol=1e-5) for k in w_fast)
+
+
+def test_reward_normalisation_gives_reference_mean_0_std_1_and_survives_save_load(tiny, tmp_path):
+    """normalize_scale: the reference responses score mean 0, std 1 (Ziegler et al. 2019); every score is the raw
+    score shifted and divided by the same two numbers; a saved model keeps them; value_from_rm's head predicts
+    the normalised score."""
+    import copy
+    import random
+
+    from prefopt.backends import rm
+    from prefopt.data.records import PreferencePair
+
+    rng = random.Random(0)
+    word = lambda: "".join(rng.choice("abcdefgh ") for _ in range(rng.randrange(1, 10)))  # noqa: E731
+    pairs = [PreferencePair(prompt=word() + "?", chosen=word(), rejected=word(), margin=None) for _ in range(12)]
+    lm, tok = tiny
+    shared = SharedBase(copy.deepcopy(lm), tok, LoraSettings(r=4, alpha=8))
+    model = rm.train(shared, pairs, rm.RewardConfig(batch_size=4, epochs=1, learning_rate=1e-2, normalize_on=24,
+                                                    normalize_scale=True))
+    data = rm.encode_pairs(pairs, tok, 64, 64)
+    prompts, responses = data.prompt_ids * 2, data.chosen_ids + data.rejected_ids
+    got = model.score_ids(prompts, responses).double()
+    assert abs(float(got.mean())) < 1e-5 and abs(float(got.std()) - 1) < 1e-5  # normalize_on covers all 24
+    offset, scale = model.offset, model.scale
+    assert scale != 1.0
+    model.offset, model.scale = 0.0, 1.0
+    raw = model.score_ids(prompts, responses).double()
+    torch.testing.assert_close(got, (raw - offset) / scale, rtol=0, atol=1e-5)
+    assert abs(float(raw.std()) - scale) < 1e-5
+    model.offset, model.scale = offset, scale
+    folder = model.save(tmp_path / "rm")
+    other = SharedBase(copy.deepcopy(lm), tok, LoraSettings(r=4, alpha=8))
+    loaded = rm.RewardModel.load(other, folder)
+    assert (loaded.offset, loaded.scale) == (offset, scale)
+    torch.testing.assert_close(loaded.score_ids(prompts, responses).double(), got, rtol=0, atol=1e-5)
+    # the value head value_from_rm starts from predicts the normalised score of the same hidden state
+    h = torch.randn(3, model.head.in_features)
+    value_head = torch.nn.Linear(model.head.in_features, 1)
+    ppo.init_value_head_from_rm(value_head, model)
+    with torch.no_grad():
+        torch.testing.assert_close(value_head(h), (model.head(h) - offset) / scale)
+    with pytest.raises(ValueError, match="normalize_on >= 2"):
+        rm.RewardConfig(normalize_on=0, normalize_scale=True)
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        rm.RewardConfig(pooling="max")

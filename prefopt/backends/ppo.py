@@ -178,6 +178,14 @@ def rollout_states(drawn: list[torch.Tensor], batch: SeqBatch) -> torch.Tensor:
     return out
 
 
+def init_value_head_from_rm(value_head: torch.nn.Linear, rm) -> None:
+    """Copy the reward model's score head into ``value_head``, in the reward model's normalised units
+    ((score - offset) / scale), so the value starts out predicting the reward PPO is given."""
+    with torch.no_grad():
+        value_head.weight.copy_(rm.head.weight / rm.scale)
+        value_head.bias.copy_((rm.head.bias - rm.offset) / rm.scale)
+
+
 class _Roles:
     """Where PPO's roles live. Default: policy adapter (+ value head on its trunk) on ``shared``, reference =
     ``shared`` with adapters off. ``value_adapter`` moves the value function to its own adapter + head; the
@@ -301,9 +309,7 @@ def train(
         rm = data.reward_model
         if rm is None:
             raise ValueError("PPOConfig.value_from_rm needs a trained reward model")
-        with torch.no_grad():
-            roles.value_head.weight.copy_(rm.head.weight)
-            roles.value_head.bias.copy_(rm.head.bias - rm.offset)  # the value predicts the normalised score
+        init_value_head_from_rm(roles.value_head, rm)
     score_fn = data.score_fn
     tok, device = shared.tokenizer, shared.device
     prompt_ids = encode_training_prompts(data.prompts, tok, cfg.max_prompt_tokens)

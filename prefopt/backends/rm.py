@@ -32,11 +32,19 @@ from prefopt.backends._common import (
 from prefopt.backends.checkpoint import StepCheckpoint, resume
 from prefopt.backends.losses import bradley_terry_loss
 from prefopt.data.records import PreferencePair, Prompt
-from prefopt.models.ops import encode_prompts, encode_responses, hidden_states, last_token_hidden, make_batch
+from prefopt.models.ops import (
+    encode_prompts,
+    encode_responses,
+    hidden_states,
+    last_token_hidden,
+    make_batch,
+    mean_response_hidden,
+)
 from prefopt.models.shared import SharedBase
 
 
 RM_WHEN = ("auto", "always")
+RM_POOLING = ("last", "mean")
 ROLE = "rm"  # the reward model's adapter name on the shared base (no policy may take it)
 META_FILE = "reward_model.json"
 
@@ -50,6 +58,12 @@ class RewardConfig:
     max_prompt_tokens: int = field(default=64, metadata={"help": "Prompts keep their last N tokens.", "positive": True})
     max_response_tokens: int = field(default=64, metadata={"help": "Responses are cut to N tokens.", "positive": True})
     normalize_on: int = field(default=256, metadata={"help": "Shift scores so reference responses average 0, estimated on up to N training responses (0 = off; N+ details)."})
+    pooling: str = field(default="last", metadata={"help": "What the score head reads: 'last' (the last real token's "
+                                                    "hidden state, as in InstructGPT) or 'mean' (the mean of the states "
+                                                    "at the response's tokens)."})
+    normalize_scale: bool = field(default=False, metadata={"help": "With normalize_on: also divide by their standard deviation, so "
+                                                           "reference responses score mean 0 and std 1 (Ziegler et al. 2019) and "
+                                                           "a KL coefficient means the same for every reward model."})
     when: str = field(default="auto", metadata={"help": "'auto': train the reward model when a policy needs it (reward 'rm'); 'always': "
                                                 "also for runs without one, so every policy gets a proxy reward and the gold-proxy gap."})
     seed: int | None = field(default=None, metadata={"help": "Seed for shuffling (None: the run's master seed)."})
@@ -61,6 +75,10 @@ class RewardConfig:
             raise ValueError(f"RewardConfig.when must be one of {RM_WHEN}, got {self.when!r}")
         if self.normalize_on < 0:
             raise ValueError(f"RewardConfig.normalize_on must be >= 0, got {self.normalize_on}")
+        if self.pooling not in RM_POOLING:
+            raise ValueError(f"RewardConfig.pooling must be one of {RM_POOLING}, got {self.pooling!r}")
+        if self.normalize_scale and self.normalize_on < 2:
+            raise ValueError("RewardConfig.normalize_scale needs normalize_on >= 2 (the responses whose spread it divides by)")
 
 
 class RewardModel:
@@ -69,6 +87,7 @@ class RewardModel:
     def __init__(self, shared: SharedBase, cfg: RewardConfig, role: str = ROLE, batch_size: int = 32):
         self.shared, self.cfg, self.role, self.batch_size = shared, cfg, role, batch_size
         self.offset = 0.0  # subtracted from every score (reward normalisation, set by normalize())
+        self.scale = 1.0  # then divided into it (normalize(scale=True))
         self.name = f"rm:{role}"
 
     @property
@@ -78,7 +97,7 @@ class RewardModel:
     def save(self, folder: str | Path) -> Path:
         """A PEFT adapter folder (+ the score head in safetensors and the offset in JSON)."""
         folder = self.shared.save_role(self.role, folder)
-        (Path(folder) / META_FILE).write_text(json.dumps({"offset": self.offset, "role": self.role,
+        (Path(folder) / META_FILE).write_text(json.dumps({"offset": self.offset, "scale": self.scale, "role": self.role,
                                                           "config": asdict(self.cfg)}, indent=2) + "\n")
         return Path(folder)
 
@@ -90,12 +109,21 @@ class RewardModel:
         cfg = RewardConfig(**{k: v for k, v in meta["config"].items() if k in RewardConfig.__dataclass_fields__})
         rm = cls(shared, cfg, role)
         rm.offset = float(meta["offset"])
+        rm.scale = float(meta.get("scale", 1.0))  # folders written before the scale existed
         return rm
 
-    def normalize(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> float:
-        """Set the offset so these (reference) responses score 0 on average; returns the offset."""
-        self.offset = 0.0
-        self.offset = float(self.score_ids(prompt_ids, response_ids).mean())
+    def normalize(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+                  scale: bool = False) -> float:
+        """Set the offset so these (reference) responses score 0 on average and, with ``scale``, the scale so their
+        scores have standard deviation 1 (sample std; needs two responses); returns the offset."""
+        self.offset, self.scale = 0.0, 1.0
+        raw = self.score_ids(prompt_ids, response_ids).double()
+        self.offset = float(raw.mean())
+        if scale:
+            if len(raw) < 2 or float(raw.std()) <= 0:
+                raise ValueError(f"RewardConfig.normalize_scale: the {len(raw)} reference responses' scores have no "
+                                 "spread to divide by; raise normalize_on or set normalize_scale=false")
+            self.scale = float(raw.std())
         return self.offset
 
     @torch.no_grad()
@@ -105,8 +133,8 @@ class RewardModel:
         with self.shared.role(self.role) as lm:
             for i in range(0, len(prompt_ids), self.batch_size):
                 batch = make_batch(prompt_ids[i : i + self.batch_size], response_ids[i : i + self.batch_size], pad, self.shared.device)
-                out.append(_scores(self.head, lm, batch).float().cpu())
-        return (torch.cat(out) - self.offset) if out else torch.zeros(0)
+                out.append(_scores(self.head, lm, batch, self.cfg.pooling).float().cpu())
+        return ((torch.cat(out) - self.offset) / self.scale) if out else torch.zeros(0)
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
         """Text interface (any tokenizer upstream): (prompts, responses) -> scores."""
@@ -123,9 +151,10 @@ def score_pairs(rm: RewardModel, pairs: Sequence[PreferencePair]) -> list[tuple[
     return list(zip(chosen, rm.score_ids(data.prompt_ids, data.rejected_ids).tolist()))
 
 
-def _scores(head: torch.nn.Module, lm, batch) -> torch.Tensor:
-    """(B,) scores: the score head on the last real token's hidden state."""
-    h = last_token_hidden(hidden_states(lm, batch), batch)  # (B, H)
+def _scores(head: torch.nn.Module, lm, batch, pooling: str = "last") -> torch.Tensor:
+    """(B,) scores: the score head on the last real token's hidden state, or the mean of the response's."""
+    hidden = hidden_states(lm, batch)
+    h = last_token_hidden(hidden, batch) if pooling == "last" else mean_response_hidden(hidden, batch)  # (B, H)
     return head(h.float()).squeeze(-1)
 
 
@@ -161,7 +190,7 @@ def train(
                 prompts = [data.prompt_ids[i] for i in sub] * 2
                 responses = [data.chosen_ids[i] for i in sub] + [data.rejected_ids[i] for i in sub]
                 batch = make_batch(prompts, responses, tok.pad_token_id, shared.device)
-                scores = _scores(shared.heads[role], lm, batch)  # (2b,)
+                scores = _scores(shared.heads[role], lm, batch, cfg.pooling)  # (2b,)
                 chosen, rejected = scores[: len(sub)], scores[len(sub) :]
                 margin = None
                 if any(data.margins[i] is not None for i in idx):
@@ -190,5 +219,5 @@ def train(
         n = min(cfg.normalize_on, 2 * len(data))
         all_prompts, all_responses = data.prompt_ids * 2, data.chosen_ids + data.rejected_ids
         sel = random.Random(seed).sample(range(len(all_responses)), n)
-        rm.normalize([all_prompts[i] for i in sel], [all_responses[i] for i in sel])
+        rm.normalize([all_prompts[i] for i in sel], [all_responses[i] for i in sel], scale=cfg.normalize_scale)
     return rm

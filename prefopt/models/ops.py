@@ -173,6 +173,20 @@ def last_token_hidden(hidden: torch.Tensor, batch: SeqBatch) -> torch.Tensor:
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
 
 
+def mean_response_hidden(hidden: torch.Tensor, batch: SeqBatch) -> torch.Tensor:
+    """Mean of the hidden states *at* each sequence's response tokens (positions P .. P+len-1): (B, H); the
+    last real token's state (the prompt's end) for an empty response."""
+    P, R = batch.prompt_width, batch.response_ids.shape[1]
+    mask = batch.response_mask.to(hidden.dtype).unsqueeze(-1)  # (B, R, 1)
+    summed = (hidden[:, P : P + R] * mask).sum(1)
+    count = mask.sum(1)
+    empty = count.squeeze(-1) == 0
+    out = summed / count.clamp(min=1)
+    if bool(empty.any()):
+        out = torch.where(empty.unsqueeze(-1), last_token_hidden(hidden, batch), out)
+    return out
+
+
 def render_prompt(prompt: Prompt, tokenizer) -> str:
     """The text the model sees, the same for every stage (SFT, RM, DPO, PPO, eval): conversations through the
     tokenizer's chat template, or the plain 'Question: ...\n\nAnswer:' template for a model without one; an
@@ -472,6 +486,7 @@ __all__ = [
     "head_stats",
     "response_logprobs",
     "last_token_hidden",
+    "mean_response_hidden",
     "render_prompt",
     "encode_prompts",
     "encode_responses",

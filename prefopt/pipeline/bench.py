@@ -615,6 +615,7 @@ def _run(cfg: BenchConfig, inputs: Inputs, folder: RunFolder, stages: Stages, ev
         "timings_s": timings, "peak_rss_mib_after": stages.peak_rss, "cache_hits": hits, "resumed": resumed, "n_train_prompts": len(inputs.train),
         "n_eval_prompts": len(inputs.eval), "n_pairs": len(train_pairs), "n_pairs_held_out": inputs.held_out,
         "n_held_out_eval_pairs": n_pairs_eval, "rm_score_offset": rm.offset if rm is not None else None,
+        "rm_score_scale": rm.scale if rm is not None else None,
         "data_reports": inputs.data_reports, "annotators": annotators, "sft": {"demos": len(inputs.demos), "adapter": sft_id} if sft_id else None,
         "created": datetime.now().isoformat(timespec="seconds"), **extra_meta,
     }
