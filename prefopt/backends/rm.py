@@ -95,7 +95,7 @@ class RewardModel:
         return self.shared.heads[self.role]
 
     def save(self, folder: str | Path) -> Path:
-        """A PEFT adapter folder (+ the score head in safetensors and the offset in JSON)."""
+        """A PEFT adapter folder (+ the score head in safetensors; the offset, scale and config in JSON)."""
         folder = self.shared.save_role(self.role, folder)
         (Path(folder) / META_FILE).write_text(json.dumps({"offset": self.offset, "scale": self.scale, "role": self.role,
                                                           "config": asdict(self.cfg)}, indent=2) + "\n")
