@@ -176,7 +176,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # at 256 (results/bench_speed_heap.json). PPO's stay at 256: at 128 its stage took 166 s against 140 s. The reward
     # model reads the mean of the response's states, not the last token's: on these pairs it orders held-out
     # reference samples as the gold judge does 0.731 of the time against 0.622, better at each of 4 seeds
-    # (results/rm_pooling_study), and with it PPO is conclusive at 4 of 4 seeds (results/ppo_pooling_search)
+    # (results/rm_pooling_study); with it PPO was conclusive at 4 of 4 seeds at 1 thread and 2 of 4 at 2
+    # (results/ppo_pooling_search), against 0 of 2 before
     "default": {
         "data": {"n_train": 64, "n_eval": 96, "pairs_per_prompt": 2, "max_new_tokens": 16},
         "rm": {"epochs": 1, "batch_size": 8, "learning_rate": 2e-3, "normalize_on": 64, "micro_batch_tokens": 256,
