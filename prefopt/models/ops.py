@@ -179,12 +179,8 @@ def mean_response_hidden(hidden: torch.Tensor, batch: SeqBatch) -> torch.Tensor:
     P, R = batch.prompt_width, batch.response_ids.shape[1]
     mask = batch.response_mask.to(hidden.dtype).unsqueeze(-1)  # (B, R, 1)
     summed = (hidden[:, P : P + R] * mask).sum(1)
-    count = mask.sum(1)
-    empty = count.squeeze(-1) == 0
-    out = summed / count.clamp(min=1)
-    if bool(empty.any()):
-        out = torch.where(empty.unsqueeze(-1), last_token_hidden(hidden, batch), out)
-    return out
+    count = mask.sum(1)  # (B, 1)
+    return torch.where(count > 0, summed / count.clamp(min=1), last_token_hidden(hidden, batch))
 
 
 def render_prompt(prompt: Prompt, tokenizer) -> str:
