@@ -129,7 +129,7 @@ def _assert_same(a, b):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5 * scale)
 
 
-@pytest.mark.parametrize("backend", ["rm", "rm-mean", "dpo", "ipo", "simpo", "sft"])
+@pytest.mark.parametrize("backend", ["rm", "rm-mean", "rm-content", "dpo", "ipo", "simpo", "sft"])
 def test_micro_batched_training_equals_one_pass(tiny, backend, monkeypatch):
     """Every pair (demonstration) in its own micro-batch gives the gradient of one pass over the minibatch."""
     pairs = _pairs()
@@ -137,7 +137,7 @@ def test_micro_batched_training_equals_one_pass(tiny, backend, monkeypatch):
     def run(micro):
         if backend.startswith("rm"):
             cfg = rm.RewardConfig(batch_size=5, epochs=1, learning_rate=1e-2, normalize_on=0, micro_batch_tokens=micro,
-                                  pooling="mean" if backend == "rm-mean" else "last")
+                                  pooling=backend[3:] or "last")
             return _first_gradient(tiny, lambda s: rm.train(s, pairs, cfg), monkeypatch)
         if backend == "sft":
             cfg = sft.SFTConfig(batch_size=5, learning_rate=1e-2, micro_batch_tokens=micro)

@@ -471,3 +471,21 @@ def test_mean_response_hidden_equals_a_loop_over_rows():
     for i, n in enumerate(batch.response_lengths.tolist()):
         want = hidden[i, P : P + n].mean(0) if n else hidden[i, P - 1]
         torch.testing.assert_close(got[i], want)
+
+
+def test_mean_response_hidden_leaves_out_the_excluded_token():
+    """``exclude`` (EOS, for 'content' pooling) leaves that token's positions out of each row's mean; a row with
+    nothing else -- only EOS, or empty -- gets the prompt's last state, the same as an empty response."""
+    from prefopt.models import ops
+
+    eos = 2
+    responses = [[1, 3, 4, eos], [eos], [], [5, 6], [eos, 7]]
+    batch = ops.make_batch([[5, 6, 7], [8], [9, 10], [11], [12, 13]], responses, pad_id=0, device="cpu")
+    hidden = torch.randn(5, batch.input_ids.shape[1], 4, generator=torch.Generator().manual_seed(1))
+    got = ops.mean_response_hidden(hidden, batch, exclude=eos)
+    P = batch.prompt_width
+    for i, r in enumerate(responses):
+        kept = [P + t for t, tok in enumerate(r) if tok != eos]
+        want = hidden[i, kept].mean(0) if kept else hidden[i, P - 1]
+        torch.testing.assert_close(got[i], want)
+    torch.testing.assert_close(ops.mean_response_hidden(hidden, batch)[3], got[3])  # no EOS: the plain mean

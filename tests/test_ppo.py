@@ -273,3 +273,37 @@ def test_reward_normalisation_gives_reference_mean_0_std_1_and_survives_save_loa
         rm.RewardConfig(normalize_on=0, normalize_scale=True)
     with pytest.raises(ValueError, match="pooling must be one of"):
         rm.RewardConfig(pooling="max")
+
+
+def test_content_pooling_scores_the_text_not_its_end(tiny):
+    """rm.pooling='content': a response scores the same with or without its closing EOS (the score reads the text,
+    as the judge does); an empty response -- [EOS] or [] -- scores the prompt alone, one number per prompt; 'mean'
+    differs on both counts."""
+    import copy
+    import random
+
+    from prefopt.backends import rm
+    from prefopt.data.records import PreferencePair
+
+    rng = random.Random(1)
+    word = lambda: "".join(rng.choice("abcdefgh ") for _ in range(rng.randrange(1, 10)))  # noqa: E731
+    pairs = [PreferencePair(prompt=word() + "?", chosen=word(), rejected=word(), margin=None) for _ in range(12)]
+    lm, tok = tiny
+    eos = tok.eos_token_id
+    models = {}
+    for pooling in ("content", "mean"):
+        shared = SharedBase(copy.deepcopy(lm), tok, LoraSettings(r=4, alpha=8))
+        models[pooling] = rm.train(shared, pairs, rm.RewardConfig(batch_size=4, epochs=1, learning_rate=1e-2,
+                                                                  normalize_on=24, pooling=pooling))
+    data = rm.encode_pairs(pairs, tok, 64, 64)
+    texts = [[t for t in r if t != eos] for r in data.chosen_ids]
+    assert all(texts) and any(r[-1] == eos for r in data.chosen_ids)
+    ended = [r + [eos] for r in texts]
+    content, mean = models["content"], models["mean"]
+    torch.testing.assert_close(content.score_ids(data.prompt_ids, ended), content.score_ids(data.prompt_ids, texts),
+                               rtol=0, atol=1e-5)
+    assert not torch.allclose(mean.score_ids(data.prompt_ids, ended), mean.score_ids(data.prompt_ids, texts), atol=1e-4)
+    empty_eos = content.score_ids(data.prompt_ids, [[eos]] * len(texts))
+    torch.testing.assert_close(empty_eos, content.score_ids(data.prompt_ids, [[]] * len(texts)), rtol=0, atol=1e-5)
+    assert not torch.allclose(mean.score_ids(data.prompt_ids, [[eos]] * len(texts)),
+                              mean.score_ids(data.prompt_ids, [[]] * len(texts)), atol=1e-4)

@@ -44,7 +44,7 @@ from prefopt.models.shared import SharedBase
 
 
 RM_WHEN = ("auto", "always")
-RM_POOLING = ("last", "mean")
+RM_POOLING = ("last", "mean", "content")
 ROLE = "rm"  # the reward model's adapter name on the shared base (no policy may take it)
 META_FILE = "reward_model.json"
 
@@ -59,8 +59,10 @@ class RewardConfig:
     max_response_tokens: int = field(default=64, metadata={"help": "Responses are cut to N tokens.", "positive": True})
     normalize_on: int = field(default=256, metadata={"help": "Shift scores so reference responses average 0, estimated on up to N training responses (0 = off; N+ details)."})
     pooling: str = field(default="last", metadata={"help": "What the score head reads: 'last' (the last real token's "
-                                                    "hidden state, as in InstructGPT) or 'mean' (the mean of the states "
-                                                    "at the response's tokens)."})
+                                                    "hidden state, as in InstructGPT), 'mean' (the mean of the states "
+                                                    "at the response's tokens) or 'content' (the mean over its tokens "
+                                                    "other than EOS: the score reads the text a judge reads, and an "
+                                                    "empty response scores the prompt's last state)."})
     normalize_scale: bool = field(default=False, metadata={"help": "With normalize_on: also divide by their standard deviation, so "
                                                            "reference responses score mean 0 and std 1 (Ziegler et al. 2019) and "
                                                            "a KL coefficient means the same for every reward model."})
@@ -133,7 +135,8 @@ class RewardModel:
         with self.shared.role(self.role) as lm:
             for i in range(0, len(prompt_ids), self.batch_size):
                 batch = make_batch(prompt_ids[i : i + self.batch_size], response_ids[i : i + self.batch_size], pad, self.shared.device)
-                out.append(_scores(self.head, lm, batch, self.cfg.pooling).float().cpu())
+                scores = _scores(self.head, lm, batch, self.cfg.pooling, self.shared.tokenizer.eos_token_id)
+                out.append(scores.float().cpu())
         return ((torch.cat(out) - self.offset) / self.scale) if out else torch.zeros(0)
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
@@ -151,10 +154,14 @@ def score_pairs(rm: RewardModel, pairs: Sequence[PreferencePair]) -> list[tuple[
     return list(zip(chosen, rm.score_ids(data.prompt_ids, data.rejected_ids).tolist()))
 
 
-def _scores(head: torch.nn.Module, lm, batch, pooling: str = "last") -> torch.Tensor:
-    """(B,) scores: the score head on the last real token's hidden state, or the mean of the response's."""
+def _scores(head: torch.nn.Module, lm, batch, pooling: str = "last", eos_id: int | None = None) -> torch.Tensor:
+    """(B,) scores: the score head on the last real token's hidden state ('last'), the mean of the states at the
+    response's tokens ('mean') or at its tokens other than ``eos_id`` ('content')."""
     hidden = hidden_states(lm, batch)
-    h = last_token_hidden(hidden, batch) if pooling == "last" else mean_response_hidden(hidden, batch)  # (B, H)
+    if pooling == "last":
+        h = last_token_hidden(hidden, batch)  # (B, H)
+    else:
+        h = mean_response_hidden(hidden, batch, exclude=eos_id if pooling == "content" else None)
     return head(h.float()).squeeze(-1)
 
 
@@ -190,7 +197,7 @@ def train(
                 prompts = [data.prompt_ids[i] for i in sub] * 2
                 responses = [data.chosen_ids[i] for i in sub] + [data.rejected_ids[i] for i in sub]
                 batch = make_batch(prompts, responses, tok.pad_token_id, shared.device)
-                scores = _scores(shared.heads[role], lm, batch, cfg.pooling)  # (2b,)
+                scores = _scores(shared.heads[role], lm, batch, cfg.pooling, tok.eos_token_id)  # (2b,)
                 chosen, rejected = scores[: len(sub)], scores[len(sub) :]
                 margin = None
                 if any(data.margins[i] is not None for i in idx):

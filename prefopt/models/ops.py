@@ -173,14 +173,16 @@ def last_token_hidden(hidden: torch.Tensor, batch: SeqBatch) -> torch.Tensor:
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
 
 
-def mean_response_hidden(hidden: torch.Tensor, batch: SeqBatch) -> torch.Tensor:
-    """Mean of the hidden states *at* each sequence's response tokens (positions P .. P+len-1): (B, H); the
-    last real token's state (the prompt's end) for an empty response."""
+def mean_response_hidden(hidden: torch.Tensor, batch: SeqBatch, exclude: int | None = None) -> torch.Tensor:
+    """Mean of the hidden states *at* each sequence's response tokens (positions P .. P+len-1): (B, H). With
+    ``exclude`` (a token id, e.g. EOS), positions holding that token are left out of the mean. A response with
+    no token to average (empty, or only ``exclude``) gets the prompt's last state (position P-1)."""
     P, R = batch.prompt_width, batch.response_ids.shape[1]
-    mask = batch.response_mask.to(hidden.dtype).unsqueeze(-1)  # (B, R, 1)
+    keep = batch.response_mask if exclude is None else batch.response_mask * (batch.response_ids != exclude)
+    mask = keep.to(hidden.dtype).unsqueeze(-1)  # (B, R, 1)
     summed = (hidden[:, P : P + R] * mask).sum(1)
     count = mask.sum(1)  # (B, 1)
-    return torch.where(count > 0, summed / count.clamp(min=1), last_token_hidden(hidden, batch))
+    return torch.where(count > 0, summed / count.clamp(min=1), hidden[:, P - 1])
 
 
 def render_prompt(prompt: Prompt, tokenizer) -> str:
