@@ -83,16 +83,10 @@ def main() -> None:
     for name in ("sample", "sample_states", "hidden_states", "logprob_stats", "head_stats", "accumulated_step"):
         timed(P, name, PHASES[name])
     timed(RM.RewardModel, "score_ids", PHASES["rm_score"])
-    counted_step_flops = [0]
-
-    def on_counted_step_end():
-        if counter:
-            counted_step_flops[0] = counter[0].get_total_flops()
-            counter[0].__exit__(None, None, None)
-
     row = ppo_memory.run_layout("shared", ppo_peer.MODEL, args.steps + 1, args.threads,
                                 ppo_overrides=dict(ppo_peer.SAME_WORK))
-    on_counted_step_end()
+    step_flop = counter[0].get_total_flops()  # the counted step's, everything in it
+    counter[0].__exit__(None, None, None)
     times = row["step_times_s"][: args.steps]  # the last step ran under the counter: not timed
     total = sum(times)
     phases = {k: {"s_per_step": round(v / args.steps, 2), "share": round(v / total, 3)} for k, v in spent.items()}
@@ -104,7 +98,6 @@ def main() -> None:
         v["gflop"] = round(f / 1e9, 1)
         v["achieved_gflops"] = round(f / 1e9 / v["s_per_step"], 1) if f and v["s_per_step"] > 0 else None
         v["floor_s"] = round(f / 1e9 / gemm, 2)
-    step_flop = counted_step_flops[0]
     step_s = total / args.steps
     floor = {"step_gflop": round(step_flop / 1e9, 1), "gemm_gflops_1024": round(gemm, 1),
              "step_s": round(step_s, 2), "floor_s": round(step_flop / 1e9 / gemm, 2),
