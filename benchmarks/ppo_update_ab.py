@@ -3,10 +3,13 @@ LoRA, 16 rollouts of the sentiment prompts x 32 sampled tokens, fp32, 2 threads)
 log-probs and values of every rollout, a PPO-shaped loss, backward) per timing, the variants taking turns round
 after round, so a slow spell of this shared machine slows them all alike. Variants: the LoRA forward (peft's own,
 or prefopt's fused addmm), the micro-batch cut (the former greedy cut in minibatch order, or
-:func:`~prefopt.backends._common.micro_batches`: length order, fewest runs, balanced) and the token budget.
+:func:`~prefopt.backends._common.micro_batches`: length order, fewest runs, balanced), the token budget and,
+with ``--heads``, the log-probs' head (autograd's graph of ``gather_logprobs(response_logits(...))``, or
+:func:`~prefopt.models.ops.response_token_logprobs`, bit-identical with an in-place backward).
 Peak memory is not measured here (one process); ``benchmarks/ppo_peer.py --set micro_batch_tokens=N`` gives it.
 
     python benchmarks/ppo_update_ab.py --rounds 5 --out results/ppo_update_ab.json
+    python benchmarks/ppo_update_ab.py --heads --rounds 8 --out results/ppo_update_ab_head.json
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=ppo_peer.THREADS)
     ap.add_argument("--budgets", default="256,384,512")
+    ap.add_argument("--heads", action="store_true",
+                    help="compare only the two log-prob heads (fused LoRA, balanced cut, budget 256)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -56,7 +61,7 @@ def main() -> None:
     from prefopt.data.tasks import sentiment_prompts
     from prefopt.models.base import load_base
     from prefopt.models.ops import encode_prompts, gather_logprobs, hidden_states, make_batch, response_hidden, \
-        response_logits, sample
+        response_logits, response_token_logprobs, sample
     from prefopt.models.shared import LoraSettings, SharedBase, fuse_lora
 
     torch.set_num_threads(args.threads)
@@ -85,13 +90,16 @@ def main() -> None:
         if kind == "fused":
             fuse_lora(shared.lm)
 
-    def epoch(groups) -> float:
+    def epoch(groups, fused_head: bool) -> float:
         t = time.perf_counter()
         for g in groups:
             b = make_batch([prompts[i] for i in g], [responses[i] for i in g], tok.pad_token_id, "cpu")
             with shared.role("policy") as m:
                 hidden = hidden_states(m, b)
-                lp = gather_logprobs(response_logits(m, hidden, b), b.response_ids)
+                if fused_head:
+                    lp = response_token_logprobs(m, hidden, b)
+                else:
+                    lp = gather_logprobs(response_logits(m, hidden, b), b.response_ids)
                 v = head(response_hidden(hidden, b)).squeeze(-1)
                 mask = b.response_mask
                 loss = -(lp * mask).sum() / mask.sum() + 0.1 * ((v * mask) ** 2).sum() / mask.sum()
@@ -100,21 +108,24 @@ def main() -> None:
             p.grad = None
         return time.perf_counter() - t
 
-    variants = {"peft lora, greedy cut, 256": ("peft", "greedy", 256)}
-    for b in (int(x) for x in args.budgets.split(",")):
-        variants[f"fused lora, balanced cut, {b}"] = ("fused", "balanced", b)
-    variants["fused lora, greedy cut, 256"] = ("fused", "greedy", 256)
-    variants["peft lora, balanced cut, 256"] = ("peft", "balanced", 256)
+    if args.heads:
+        variants = {"autograd head": ("fused", "balanced", 256, False), "fused head": ("fused", "balanced", 256, True)}
+    else:
+        variants = {"peft lora, greedy cut, 256": ("peft", "greedy", 256, False)}
+        for b in (int(x) for x in args.budgets.split(",")):
+            variants[f"fused lora, balanced cut, {b}"] = ("fused", "balanced", b, False)
+        variants["fused lora, greedy cut, 256"] = ("fused", "greedy", 256, False)
+        variants["peft lora, balanced cut, 256"] = ("peft", "balanced", 256, False)
     cuts = {}
-    for name, (_, cut, b) in variants.items():
+    for name, (_, cut, b, _) in variants.items():
         cuts[name] = greedy_in_order(order, size, b) if cut == "greedy" else micro_batches(order, size, b)
     times: dict[str, list[float]] = {k: [] for k in variants}
     set_lora("fused")
-    epoch(cuts[next(iter(variants))])  # warm-up
+    epoch(cuts[next(iter(variants))], False)  # warm-up
     for r in range(args.rounds):
-        for name, (lora, _, _) in (list(variants.items()) if r % 2 == 0 else list(variants.items())[::-1]):
+        for name, (lora, _, _, fused_head) in (list(variants.items()) if r % 2 == 0 else list(variants.items())[::-1]):
             set_lora(lora)
-            times[name].append(epoch(cuts[name]))
+            times[name].append(epoch(cuts[name], fused_head))
         print(f"round {r + 1}: " + ", ".join(f"{t[-1]:.2f}" for t in times.values()), flush=True)
     base = statistics.median(times[next(iter(variants))])
     rows = {}

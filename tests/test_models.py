@@ -489,3 +489,48 @@ def test_mean_response_hidden_leaves_out_the_excluded_token():
         want = hidden[i, kept].mean(0) if kept else hidden[i, P - 1]
         torch.testing.assert_close(got[i], want)
     torch.testing.assert_close(ops.mean_response_hidden(hidden, batch)[3], got[3])  # no EOS: the plain mean
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_equal_autograd_graph_bit_for_bit(tiny, temperature):
+    """The fused log-prob function (in-place backward) against gather_logprobs(response_logits(...)): the same
+    forward values and the same gradients into the trunk states and the head's weight, to the bit; and a head
+    the function does not take (a bias) goes the plain way with the same values."""
+    from prefopt.models.ops import gather_logprobs, hidden_states, response_logits, response_token_logprobs
+
+    lm, tok = tiny
+    prompts = encode_prompts(["x", "a longer one", "mid"], tok, 64)
+    resp = sample(lm, tok, prompts, max_new_tokens=7, seed=3)
+    batch = make_batch(prompts, resp, tok.pad_token_id, "cpu")
+    hidden = hidden_states(lm, batch).detach()
+    head = lm.get_output_embeddings()
+    weight_grad = head.weight.requires_grad
+    head.weight.requires_grad_(True)
+    try:
+        grads = []
+        for fn in (lambda h: gather_logprobs(response_logits(lm, h, batch, temperature), batch.response_ids),
+                   lambda h: response_token_logprobs(lm, h, batch, temperature)):
+            h = hidden.clone().requires_grad_(True)
+            head.weight.grad = None
+            out = fn(h)
+            w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))  # an arbitrary upstream grad
+            (out * w * batch.response_mask).sum().backward()
+            grads.append((out.detach(), h.grad, head.weight.grad.clone()))
+        (o0, h0, w0), (o1, h1, w1) = grads
+        assert o0.shape == o1.shape == batch.response_ids.shape
+        assert torch.equal(o0, o1) and torch.equal(h0, h1) and torch.equal(w0, w1)
+        assert h0.abs().sum() > 0 and w0.abs().sum() > 0
+    finally:
+        head.weight.grad = None
+        head.weight.requires_grad_(weight_grad)
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.normal_()
+
+    class WithBias(torch.nn.Module):
+        def get_output_embeddings(self):
+            return biased
+
+    plain = gather_logprobs(response_logits(WithBias(), hidden, batch, temperature), batch.response_ids)
+    assert torch.equal(response_token_logprobs(WithBias(), hidden, batch, temperature), plain)

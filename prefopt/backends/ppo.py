@@ -64,6 +64,7 @@ from prefopt.models.ops import (
     make_batch,
     response_hidden,
     response_logits,
+    response_token_logprobs,
     sample,
     sample_states,
 )
@@ -213,11 +214,17 @@ class _Roles:
             params += self.value_base.adapter_parameters(self.value_role)
         return params
 
-    def forward(self, lm, batch: SeqBatch, temperature: float):
-        """(logits (B, R, V), values (B, R)) with the policy adapter active in ``lm``. Values read the states that
-        predict each token: one trunk pass when the value head sits on the policy trunk."""
+    def forward(self, lm, batch: SeqBatch, temperature: float, full: bool = False):
+        """(log-probs (B, R), the whole log-softmax (B, R, V) with ``full`` else None, values (B, R)) with the
+        policy adapter active in ``lm``. Values read the states that predict each token: one trunk pass when the
+        value head sits on the policy trunk."""
         hidden = hidden_states(lm, batch)
-        return response_logits(lm, hidden, batch, temperature), self.values(hidden, batch)
+        if full:
+            logits = response_logits(lm, hidden, batch, temperature)
+            logprobs, logp_full = gather_logprobs(logits, batch.response_ids), torch.log_softmax(logits, -1)
+        else:  # no (B, R, V) tensor kept beyond the one the backward pass reuses
+            logprobs, logp_full = response_token_logprobs(lm, hidden, batch, temperature), None
+        return logprobs, logp_full, self.values(hidden, batch)
 
     def values(self, hidden: torch.Tensor, batch: SeqBatch) -> torch.Tensor:
         """Values (B, R) from the policy trunk's hidden states (B, P+R, H) (or the value adapter's own pass)."""
@@ -414,8 +421,7 @@ def train(
                     def loss_of(sub):
                         mb = make_batch([batch_prompts[i] for i in sub], [responses[i] for i in sub], tok.pad_token_id, device)
                         R = mb.response_ids.shape[1]  # a micro-batch may be narrower than the rollout batch
-                        logits, values = roles.forward(lm, mb, cfg.temperature)
-                        logprobs = gather_logprobs(logits, mb.response_ids)
+                        logprobs, logp_full, values = roles.forward(lm, mb, cfg.temperature, full=ref_logp_full is not None)
                         m = mb.response_mask
                         pg_loss, clipfrac, approx_kl = ppo_policy_loss(
                             logprobs, old_logprobs[sub, :R], advantages[sub, :R], m, cfg.clip_range
@@ -423,7 +429,7 @@ def train(
                         vf_loss, vf_clipfrac = ppo_value_loss(values, old_values[sub, :R], returns[sub, :R], m, cfg.vf_clip_range)
                         loss = pg_loss + cfg.vf_coef * vf_loss
                         if ref_logp_full is not None:  # exact KL(pi || pi_ref) per token, differentiable
-                            kl_exact = exact_kl(torch.log_softmax(logits, -1), ref_logp_full[sub, :R])  # (b, R)
+                            kl_exact = exact_kl(logp_full, ref_logp_full[sub, :R])  # (b, R)
                             # whitening divided the policy-gradient term by std(A); the KL term gets the same
                             # factor, else the effective coefficient becomes beta * std(A) and the optimum moves
                             loss = loss + beta * adv_scale * masked_mean(kl_exact, m)

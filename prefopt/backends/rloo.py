@@ -35,7 +35,7 @@ from prefopt.backends._common import (
 )
 from prefopt.backends.checkpoint import StepCheckpoint, resume
 from prefopt.backends.losses import apply_eos_penalty, kl_per_token, rloo_advantages
-from prefopt.models.ops import gather_logprobs, hidden_states, logprob_stats, make_batch, response_logits, sample
+from prefopt.models.ops import hidden_states, logprob_stats, make_batch, response_token_logprobs, sample
 from prefopt.models.shared import SharedBase
 
 
@@ -126,7 +126,7 @@ def train(
         def loss_of(group):  # prompts of this micro-batch (each with its k samples): their share of the loss
             rows = [g * k + j for g in group for j in range(k)]
             mb = make_batch([prompts[i] for i in rows], [responses[i] for i in rows], tok.pad_token_id, device)
-            logprobs = gather_logprobs(response_logits(lm, hidden_states(lm, mb), mb, cfg.temperature), mb.response_ids)
+            logprobs = response_token_logprobs(lm, hidden_states(lm, mb), mb, cfg.temperature)
             R = mb.response_ids.shape[1]
             kl = (kl_per_token(logprobs.detach(), ref_logprobs[rows, :R], "k1") * mb.response_mask).sum(-1)
             seq_kl[rows] = kl

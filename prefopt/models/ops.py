@@ -108,6 +108,53 @@ def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+class _TokenLogprobs(torch.autograd.Function):
+    """log softmax(states @ W.T / T)[tokens] with a backward pass that works in place on the one saved (N, V)
+    logits tensor. Autograd's graph of the same formula (:func:`gather_logprobs` on :func:`response_logits`) takes
+    five fresh (N, V) tensors in its backward (logsumexp's ``x - lse``, its ``exp``, the product with the grad,
+    the gather's zeros and the sum of the two grads); at a PPO micro-batch of 4 x 32 positions each is 25 MB that
+    the kernel faults in and zeroes. Bit-identical to that graph, forward and backward: the same kernels on the
+    same values in the same order (tests/test_models.py)."""
+
+    @staticmethod
+    def forward(ctx, states, weight, tokens, temperature):  # (N, H), (V, H), (N,) -> (N,)
+        logits = torch.nn.functional.linear(states, weight)  # the head's 2-D matmul, as :func:`_head` runs it
+        if temperature != 1:
+            logits.div_(temperature)
+        lse = torch.logsumexp(logits, dim=-1)
+        out = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse
+        ctx.save_for_backward(states, weight, tokens, logits, lse)
+        ctx.temperature = temperature
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # d out / d logits = onehot(tokens) - softmax(logits)
+        states, weight, tokens, logits, lse = ctx.saved_tensors
+        g = logits.sub_(lse.unsqueeze(-1)).exp_().mul_(grad.neg().unsqueeze(-1))  # logsumexp's backward, in place
+        g.scatter_add_(-1, tokens.unsqueeze(-1), grad.unsqueeze(-1))  # the gather's
+        if ctx.temperature != 1:
+            g.div_(ctx.temperature)
+        grad_states = g.mm(weight) if ctx.needs_input_grad[0] else None
+        grad_weight = g.t().mm(states) if ctx.needs_input_grad[1] else None
+        return grad_states, grad_weight, None, None
+
+
+def response_token_logprobs(lm, hidden: torch.Tensor, batch: SeqBatch, temperature: float = 1.0) -> torch.Tensor:
+    """log-probs of the response tokens (B, R) from the trunk states (B, P+R, H), differentiable: equals
+    ``gather_logprobs(response_logits(...), batch.response_ids)`` bit for bit, with a backward pass that allocates
+    no (B, R, V) tensor of its own (:class:`_TokenLogprobs`). A head other than a bias-free ``nn.Linear`` (a LoRA
+    on the head, say) takes that plain path."""
+    head = lm.get_output_embeddings()
+    states = response_hidden(hidden, batch)
+    if type(head) is not torch.nn.Linear or head.bias is not None or states.dtype != torch.float32 \
+            or head.weight.dtype != torch.float32:
+        return gather_logprobs(response_logits(lm, hidden, batch, temperature), batch.response_ids)
+    B, R, H = states.shape
+    out = _TokenLogprobs.apply(states.reshape(B * R, H), head.weight, batch.response_ids.reshape(B * R), temperature)
+    return out.view(B, R)
+
+
 LOGIT_POSITIONS = 256
 """Response positions whose vocabulary logits a no-grad pass holds at once (256 x 49k fp32 = 50 MB): evaluation,
 reference and rollout log-probs cost memory bounded by this, not by their batch. 512 set the default bench's
@@ -159,12 +206,11 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 def response_logprobs(lm, batch: SeqBatch, temperature: float = 1.0) -> torch.Tensor:
     """Per-token log-probs of the response tokens under ``lm`` (active adapter): (B, R), zero on padding. Without
-    grad, the LM head runs in chunks (:func:`logprob_stats`)."""
+    grad, the LM head runs in chunks (:func:`logprob_stats`); with it, through :func:`response_token_logprobs`."""
     hidden = hidden_states(lm, batch)
     if not torch.is_grad_enabled():
         return logprob_stats(lm, hidden, batch, temperature)[0] * batch.response_mask
-    logits = response_logits(lm, hidden, batch, temperature)
-    return gather_logprobs(logits, batch.response_ids) * batch.response_mask
+    return response_token_logprobs(lm, hidden, batch, temperature) * batch.response_mask
 
 
 def last_token_hidden(hidden: torch.Tensor, batch: SeqBatch) -> torch.Tensor:
