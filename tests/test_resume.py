@@ -96,8 +96,32 @@ def test_a_finished_loop_resumed_does_nothing(tiny, tmp_path):
 KILL_MICRO = (*MICRO, "rm.epochs=2", "rm.batch_size=4", "ppo.steps=4", "dpo.epochs=2", "eval.path_points=2")
 
 
+# `python -m prefopt`, except that once the process has written a line matching $HOLD_AT to stderr it goes no
+# further (it sleeps) until the test kills it: the kill lands at that line however far behind the test's reading is
+# (the pipe would otherwise let a busy machine's child run on, past the point meant, before the test reads the line)
+HOLD = """
+import os, re, sys, time
+pat = os.environ.get("HOLD_AT")
+if pat:
+    class Hold:
+        def __init__(self, f):
+            self.f = f
+        def write(self, s):
+            n = self.f.write(s)
+            if re.search(pat, s):
+                self.f.flush()
+                time.sleep(3600)
+            return n
+        def __getattr__(self, k):
+            return getattr(self.f, k)
+    sys.stderr = Hold(sys.stderr)
+from prefopt.__main__ import main
+main()
+"""
+
+
 def _bench(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "prefopt", *extra, "--preset", "smoke", *[a for s in KILL_MICRO for a in ("--set", s)],
+    return [sys.executable, "-c", HOLD, *extra, "--preset", "smoke", *[a for s in KILL_MICRO for a in ("--set", s)],
             "--out", str(out)]
 
 
@@ -106,8 +130,10 @@ def _env() -> dict:
 
 
 def _run_until(cmd: list[str], trigger: str | None, cwd: Path) -> tuple[int, str]:
-    """Run ``cmd``; SIGKILL it the moment a line matching regex ``trigger`` appears on its stderr (None: to the end)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(), cwd=cwd)
+    """Run ``cmd``; SIGKILL it at the first line matching regex ``trigger`` on its stderr (None: to the end); the
+    child holds at that line (:data:`HOLD`) until the signal lands."""
+    env = _env() | ({"HOLD_AT": trigger} if trigger is not None else {})
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
     lines = []
     for line in proc.stderr:
         lines.append(line)
