@@ -520,6 +520,11 @@ def test_token_logprobs_equal_autograd_graph_bit_for_bit(tiny, temperature):
         assert o0.shape == o1.shape == batch.response_ids.shape
         assert torch.equal(o0, o1) and torch.equal(h0, h1) and torch.equal(w0, w1)
         assert h0.abs().sum() > 0 and w0.abs().sum() > 0
+        h = hidden.clone().requires_grad_(True)  # its backward overwrites the logits it saved: once, then refused
+        out = response_token_logprobs(lm, h, batch, temperature).sum()
+        out.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="second backward pass"):
+            out.backward()
     finally:
         head.weight.grad = None
         head.weight.requires_grad_(weight_grad)

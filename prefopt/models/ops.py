@@ -130,6 +130,10 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # d out / d logits = onehot(tokens) - softmax(logits)
+        if getattr(ctx, "spent", False):  # the saved logits were overwritten by the first call
+            raise RuntimeError("response_token_logprobs: a second backward pass through the same graph "
+                               "(retain_graph=True) is not supported; recompute the forward pass")
+        ctx.spent = True
         states, weight, tokens, logits, lse = ctx.saved_tensors
         g = logits.sub_(lse.unsqueeze(-1)).exp_().mul_(grad.neg().unsqueeze(-1))  # logsumexp's backward, in place
         g.scatter_add_(-1, tokens.unsqueeze(-1), grad.unsqueeze(-1))  # the gather's
