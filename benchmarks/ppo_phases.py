@@ -7,8 +7,9 @@ backward + step).
 Then the floor. One more step runs under torch's ``FlopCounterMode`` (untimed: the counter's dispatch would slow
 it), which counts every matmul's FLOPs, forward and backward, by phase; attention scores are not counted (CPU
 flash attention has no formula; under 3% here). Each phase's achieved rate is its FLOPs over its measured seconds,
-printed beside this process's 1024^3 fp32 GEMM rate, and the step's floor is its FLOPs at that rate: what this
-algorithm's arithmetic costs on this CPU if every matmul ran as fast as a large square one. With
+printed beside this process's 1024^3 fp32 GEMM rate by the kernel the base's linears ran (MKL's through ATen, or
+oneDNN's where prefopt/models/kernels.py chose it; both rates are recorded), and the step's floor is its FLOPs at
+that rate: what this algorithm's arithmetic costs on this CPU if every matmul ran as fast as a large square one. With
 ``--peer results/ppo_peer.json`` the floor is also given as a fraction of trl's measured step. Usage:
 
     python benchmarks/ppo_phases.py --steps 3 --peer results/ppo_peer.json --out /tmp/ppo_phases.json
@@ -34,6 +35,25 @@ PHASES = {"sample": "rollout sampling", "sample_states": "rollout sampling", "rm
           "hidden_states": "scoring passes (trunk)", "logprob_stats": "scoring passes (LM head)",
           "head_stats": "scoring passes (LM head)",
           "accumulated_step": "update (forward + backward + step)"}
+
+
+def count_onednn_linears() -> None:
+    """Teach FlopCounterMode oneDNN's linear (prefopt/models/kernels.py): 2 * rows * out * in, like its mm."""
+    import torch
+    from torch.utils.flop_counter import register_flop_formula
+
+    op = torch.ops.mkldnn._linear_pointwise
+    if getattr(count_onednn_linears, "done", False) or not hasattr(op, "default"):
+        return
+
+    @register_flop_formula(op)
+    def _(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        rows = 1
+        for d in x_shape[:-1]:
+            rows *= d
+        return 2 * rows * w_shape[0] * w_shape[1]
+
+    count_onednn_linears.done = True
 
 
 def main() -> None:
@@ -63,6 +83,7 @@ def main() -> None:
                 if steps_begun[0] == args.steps + 1:
                     from torch.utils.flop_counter import FlopCounterMode
 
+                    count_onednn_linears()
                     counter.append(FlopCounterMode(display=False))
                     counter[0].__enter__()
             depth[0] += 1
@@ -92,7 +113,8 @@ def main() -> None:
     phases = {k: {"s_per_step": round(v / args.steps, 2), "share": round(v / total, 3)} for k, v in spent.items()}
     other = total - sum(spent.values())
     phases["other (advantages, bookkeeping)"] = {"s_per_step": round(other / args.steps, 2), "share": round(other / total, 3)}
-    gemm = step_memory.gemm_gflops(args.threads)
+    rates = step_memory.gemm_rates(args.threads)
+    gemm = rates["reference_gflops"]  # the rate of the kernel the base's linears ran
     for k, v in phases.items():
         f = flops.get(k, 0)
         v["gflop"] = round(f / 1e9, 1)
@@ -100,6 +122,7 @@ def main() -> None:
         v["floor_s"] = round(f / 1e9 / gemm, 2)
     step_s = total / args.steps
     floor = {"step_gflop": round(step_flop / 1e9, 1), "gemm_gflops_1024": round(gemm, 1),
+             "linear_kernel": rates["linear_kernel"], "gemm_gflops_1024_by_kernel": rates["gemm_gflops_1024"],
              "step_s": round(step_s, 2), "floor_s": round(step_flop / 1e9 / gemm, 2),
              "achieved_gflops": round(step_flop / 1e9 / step_s, 1),
              "fraction_of_gemm": round(step_flop / 1e9 / step_s / gemm, 3),
@@ -123,7 +146,8 @@ def main() -> None:
     del lm
     update = phases[PHASES["accumulated_step"]]
     flop_rate = {"update_gflop_per_step": update["gflop"], "update_achieved_gflops": update["achieved_gflops"],
-                 "gemm_gflops_1024": round(gemm, 1), "non_embedding_params": n_params, "lm_head_params": head}
+                 "gemm_gflops_1024": round(gemm, 1), "gemm_gflops_1024_by_kernel": rates["gemm_gflops_1024"],
+                 "linear_kernel": rates["linear_kernel"], "non_embedding_params": n_params, "lm_head_params": head}
     doc = {"benchmark": "ppo_phases", "command": "python benchmarks/ppo_phases.py " + " ".join(sys.argv[1:]),
            "work": ppo_peer.SAME_WORK, "threads": args.threads, "step_times_s": times, "phases": phases,
            "flop_rate": flop_rate, "floor": floor}
@@ -133,7 +157,9 @@ def main() -> None:
         rate = f"{v['achieved_gflops']:8.1f}" if v["achieved_gflops"] else f"{'-':>8s}"
         print(f"{k:34s} {v['s_per_step']:7.2f} {100 * v['share']:5.1f}% {v['gflop']:7.1f} {rate} {v['floor_s']:8.2f}")
     print(f"step: {floor['step_gflop']} GFLOP in {floor['step_s']} s = {floor['achieved_gflops']} GFLOP/s; this "
-          f"process's 1024^3 fp32 GEMM: {floor['gemm_gflops_1024']} GFLOP/s -> floor {floor['floor_s']} s")
+          f"process's 1024^3 fp32 GEMM ({floor['linear_kernel']}, the kernel the base ran): "
+          f"{floor['gemm_gflops_1024']} GFLOP/s -> floor {floor['floor_s']} s; by kernel: "
+          f"{floor['gemm_gflops_1024_by_kernel']}")
     if args.peer:
         print(f"vs trl's {floor['trl_s_per_step']} s step: measured {floor['measured_vs_trl_here']}, floor "
               f"{floor['floor_vs_trl']}; the {floor['target_vs_trl']} target needs "

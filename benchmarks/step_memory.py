@@ -48,16 +48,35 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def gemm_gflops(threads: int, n: int = 1024, reps: int = 20) -> float:
+def gemm_gflops(threads: int, n: int = 1024, reps: int = 20, kernel: str = "aten") -> float:
+    """This process's fp32 n^3 GEMM rate: ATen's ``a @ b`` (MKL), or with ``kernel="onednn"`` the oneDNN product
+    prefopt routes the frozen base's linears through (prefopt/models/kernels.py)."""
     import torch
 
     torch.set_num_threads(threads)
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
+    if kernel == "onednn":
+        from prefopt.models.kernels import _dnn
+
+        f = lambda: _dnn(a, b)  # noqa: E731
+    else:
+        f = lambda: a @ b  # noqa: E731
+    f()
     t0 = time.perf_counter()
     for _ in range(reps):
-        a @ b
+        f()
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def gemm_rates(threads: int) -> dict:
+    """Both GEMM rates, and the one of the kernel this process's linears use (the floor's reference)."""
+    from prefopt.models.kernels import linear_kernel
+
+    rates = {"aten": gemm_gflops(threads)}
+    if linear_kernel() == "onednn":
+        rates["onednn"] = gemm_gflops(threads, kernel="onednn")
+    return {"gemm_gflops_1024": {k: round(v, 1) for k, v in rates.items()}, "linear_kernel": linear_kernel(),
+            "reference_gflops": round(rates[linear_kernel()], 1)}
 
 
 def run_child(stage: str, budget: str, model: str, steps: int, threads: int, prompt_tokens: int,
@@ -124,7 +143,7 @@ def run_child(stage: str, budget: str, model: str, steps: int, threads: int, pro
             "pairs_per_step": batch, "prompt_tokens": prompt_tokens, "response_tokens": response_tokens,
             "rss_base_mib": base_rss, "peak_rss_mib": peak, "s_per_step": s, "step_times_s": times,
             "model_gflop_per_step": flops / 1e9, "achieved_gflops": flops / s / 1e9,
-            "gemm_gflops": gemm_gflops(threads)}
+            **gemm_rates(threads)}
 
 
 def main() -> None:

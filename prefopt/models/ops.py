@@ -19,6 +19,7 @@ import torch
 
 from prefopt._alloc import release_heap
 from prefopt.data.records import Prompt
+from prefopt.models.kernels import linear
 
 
 @dataclass
@@ -118,7 +119,7 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, states, weight, tokens, temperature):  # (N, H), (V, H), (N,) -> (N,)
-        logits = torch.nn.functional.linear(states, weight)  # the head's 2-D matmul, as :func:`_head` runs it
+        logits = linear(states, weight)  # the head's 2-D matmul, as :func:`_head` runs it (ATen's or oneDNN's)
         if temperature != 1:
             logits.div_(temperature)
         lse = torch.logsumexp(logits, dim=-1)
@@ -139,7 +140,7 @@ class _TokenLogprobs(torch.autograd.Function):
         g.scatter_add_(-1, tokens.unsqueeze(-1), grad.unsqueeze(-1))  # the gather's
         if ctx.temperature != 1:
             g.div_(ctx.temperature)
-        grad_states = g.mm(weight) if ctx.needs_input_grad[0] else None
+        grad_states = linear(g, weight.t()) if ctx.needs_input_grad[0] else None  # = g @ W, the head's backward
         grad_weight = g.t().mm(states) if ctx.needs_input_grad[1] else None
         return grad_states, grad_weight, None, None
 

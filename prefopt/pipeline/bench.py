@@ -39,6 +39,7 @@ from prefopt.errors import Interrupted, PrefoptError, RunError
 from prefopt.eval.harness import REFERENCE, BestOfN, evaluate, evaluate_point
 from prefopt.eval.metrics import metric_versions
 from prefopt.models.base import load_base, pick_device, resolve_model
+from prefopt.models.kernels import linear_kernel
 from prefopt.models.ops import decode_responses, encode_prompts, ends_with_eos, render_prompt, sample
 from prefopt.models.rewards import SequenceClassifierReward, text_score_fn
 from prefopt.models.shared import SharedBase
@@ -395,7 +396,9 @@ def _followed(progress: Progress | None, out: Path, dist) -> Progress:
 @contextmanager
 def _claim(cache: StageCache, stage: str, spec: dict, dist):
     """A stage-cache claim made by rank 0 for every rank: rank 0 holds the lock and stores; the others learn
-    whether it was a hit and compute along (a data-parallel stage needs every rank)."""
+    whether it was a hit and compute along (a data-parallel stage needs every rank). The kernel of the base's
+    products is part of the key: a stage trained with one is not reused by a run with the other."""
+    spec = {**spec, "linear_kernel": linear_kernel()}
     if dist.num_processes == 1:
         with cache.claim(stage, spec) as claim:
             yield claim
@@ -611,7 +614,7 @@ def _run(cfg: BenchConfig, inputs: Inputs, folder: RunFolder, stages: Stages, ev
     timings = dict(stages.timings, total=round(time.perf_counter() - t_start, 1))
     meta = {
         "versions": versions(), "seed": cfg.seed, "device": str(shared.device), "threads": torch.get_num_threads(),
-        "processes": dist.num_processes, "allocator": allocator,
+        "processes": dist.num_processes, "allocator": allocator, "linear_kernel": linear_kernel(),
         "timings_s": timings, "peak_rss_mib_after": stages.peak_rss, "cache_hits": hits, "resumed": resumed, "n_train_prompts": len(inputs.train),
         "n_eval_prompts": len(inputs.eval), "n_pairs": len(train_pairs), "n_pairs_held_out": inputs.held_out,
         "n_held_out_eval_pairs": n_pairs_eval, "rm_score_offset": rm.offset if rm is not None else None,

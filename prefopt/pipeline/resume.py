@@ -33,6 +33,7 @@ import prefopt
 from prefopt import config as C
 from prefopt.backends.checkpoint import StepCheckpoint
 from prefopt.errors import RunError
+from prefopt.models.kernels import linear_kernel
 from prefopt.pipeline.config import EMBEDDED_PROMPTS, BenchConfig
 from prefopt.pipeline.stages import fingerprint, model_identity, source_identity
 
@@ -48,7 +49,8 @@ def run_spec(cfg: BenchConfig, evaluate: bool) -> dict:
     files = {k: source_identity(getattr(d, k)) for k in ("pairs", "prompts", "demos")
              if getattr(d, k) and getattr(d, k) != EMBEDDED_PROMPTS}
     return {"v": VERSION, "prefopt": prefopt.__version__, "config": C.to_dict(cfg), "evaluate": evaluate,
-            "model": model_identity(cfg.model), "inputs": files}
+            "model": model_identity(cfg.model), "inputs": files,
+            "linear_kernel": linear_kernel()}  # oneDNN's products differ from MKL's by rounding
 
 
 def progress_folder(out: Path) -> Path:
