@@ -109,7 +109,9 @@ def run_prefopt(steps: int, overrides: dict) -> dict:
     bounded = bool(overrides.pop("bounded_heap", False))
     row = ppo_memory.run_layout("shared", MODEL, steps, THREADS, ppo_overrides={**SAME_WORK, **overrides},
                                 checkpoint_activations=recompute, bounded_heap=bounded)
-    return {**row, "allocator": _allocator(), "versions": _versions()}
+    from prefopt.models.kernels import linear_kernel
+
+    return {**row, "allocator": _allocator(), "linear_kernel": linear_kernel(), "versions": _versions()}
 
 
 def run_trl(steps: int, spec_path: str) -> dict:

@@ -177,7 +177,7 @@ def main() -> None:
             rows.append(row)
             print(f"{stage:4s} micro_batch_tokens {budget:>5s}: peak RSS {row['peak_rss_mib']:7.0f} MiB "
                   f"(base {row['rss_base_mib']:.0f})  {row['s_per_step']:6.1f} s/step  "
-                  f"{row['achieved_gflops']:5.1f} of {row['gemm_gflops']:.0f} GFLOP/s", flush=True)
+                  f"{row['achieved_gflops']:5.1f} of {row['reference_gflops']:.0f} GFLOP/s ({row['linear_kernel']})", flush=True)
     with open(args.out, "w") as f:
         json.dump({"benchmark": "step_memory", "command": "python benchmarks/step_memory.py " + " ".join(sys.argv[1:]),
                    "rows": rows}, f, indent=2)

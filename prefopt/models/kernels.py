@@ -2,11 +2,13 @@
 
 PyTorch's CPU ``F.linear`` in fp32 calls MKL. On a CPU with AVX-512 that MKL does not dispatch to (AMD EPYC:
 MKL picks its AVX2 code there), oneDNN's matmul -- ``torch.ops.mkldnn._linear_pointwise``, the op PyTorch's own
-compiler emits for frozen CPU linears -- runs the same products in fp32 at twice the rate or more. Measured on
-this project's 2-core AMD EPYC (AVX-512, 2 threads; ``benchmarks/linear_kernels.py``): a 1024^3 sgemm 186-197
-GFLOP/s whatever ``MKL_ENABLE_INSTRUCTIONS`` says; SmolLM2-135M's matrices at a decoding step's 16 rows
-0.42 -> 0.13 ms (1536 x 576), at a training micro-batch's 200 rows 172 -> 432 GFLOP/s, the LM head at 16 rows
-14.8 -> 3.5 ms. Products differ from MKL's by float rounding (another summation order), not more.
+compiler emits for frozen CPU linears -- runs the same products in fp32 at about twice the rate.
+Measured on this project's 2-core AMD EPYC (AVX-512, 2 threads; ``benchmarks/linear_kernels.py``,
+results/linear_kernels.json): a 1024^3 product 184 -> 402 GFLOP/s (MKL's stays at 186-197 whatever
+``MKL_ENABLE_INSTRUCTIONS`` says); SmolLM2-135M's gate/up matrix at a decoding step's 16 rows 0.45 -> 0.18 ms,
+at a training micro-batch's 200 rows 166 -> 376 GFLOP/s forward and 164 -> 339 for the input gradient; the LM
+head at 16 rows 15.4 -> 5.9 ms. Only the smallest products lose (the 192 x 576 k/v projections at one row:
+0.013 -> 0.026 ms). Products differ from MKL's by float rounding (another summation order), not more.
 
 :func:`use_onednn_linears` gives every frozen fp32 ``nn.Linear`` of a model on CPU (the decoder's projections,
 the LM head) a forward through oneDNN, with a backward whose input gradient (``grad @ W``) is the same oneDNN
