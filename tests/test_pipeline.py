@@ -86,6 +86,9 @@ def test_cached_stages_give_identical_results_and_runs_are_artifacts(tmp_path):
     peaks = doc["meta"]["peak_rss_mib_after"]  # which stage set the process's peak memory
     assert list(peaks) == [k for k in doc["meta"]["timings_s"] if k in peaks] and {"ppo", "dpo", "eval"} <= set(peaks)
     assert list(peaks.values()) == sorted(peaks.values()) and all(v > 50 for v in peaks.values())
+    from prefopt.models.kernels import linear_kernel
+
+    assert doc["meta"]["linear_kernel"] == linear_kernel() in ("onednn", "aten")  # what the base's products ran on
 
 
 def test_seed_changes_pairs_and_weights(tmp_path):

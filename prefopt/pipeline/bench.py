@@ -614,7 +614,8 @@ def _run(cfg: BenchConfig, inputs: Inputs, folder: RunFolder, stages: Stages, ev
     timings = dict(stages.timings, total=round(time.perf_counter() - t_start, 1))
     meta = {
         "versions": versions(), "seed": cfg.seed, "device": str(shared.device), "threads": torch.get_num_threads(),
-        "processes": dist.num_processes, "allocator": allocator, "linear_kernel": linear_kernel(),
+        "processes": dist.num_processes, "allocator": allocator,
+        "linear_kernel": linear_kernel() if shared.device.type == "cpu" else None,  # the base's CPU products
         "timings_s": timings, "peak_rss_mib_after": stages.peak_rss, "cache_hits": hits, "resumed": resumed, "n_train_prompts": len(inputs.train),
         "n_eval_prompts": len(inputs.eval), "n_pairs": len(train_pairs), "n_pairs_held_out": inputs.held_out,
         "n_held_out_eval_pairs": n_pairs_eval, "rm_score_offset": rm.offset if rm is not None else None,
