@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 CHILD = f"""
 import json, sys
 sys.path.insert(0, {str(HERE)!r})
@@ -35,12 +34,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    from prefopt._alloc import find_jemalloc
+
+    jemalloc = find_jemalloc()
     runs: dict[str, list[dict]] = {"aten": [], "onednn": []}
     for r in range(args.rounds):
         for kernel in (("aten", "onednn") if r % 2 == 0 else ("onednn", "aten")):
             env = dict(os.environ, PREFOPT_LINEAR=kernel)
-            if os.path.exists(JEMALLOC) and "jemalloc" not in env.get("LD_PRELOAD", ""):
-                env["LD_PRELOAD"] = JEMALLOC  # what the prefopt command runs under where it is installed
+            if jemalloc and "jemalloc" not in env.get("LD_PRELOAD", ""):
+                env["LD_PRELOAD"] = jemalloc  # what the prefopt command runs under where it is installed
             res = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env)
             rows = [line[4:] for line in res.stdout.splitlines() if line.startswith("ROW ")]
             if res.returncode or not rows:

@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import step_memory  # noqa: E402
+from prefopt.models.kernels import _dnn  # noqa: E402
+
 SHAPES = {"q/o proj": (576, 576), "k/v proj": (192, 576), "gate/up": (1536, 576), "down": (576, 1536),
           "LM head": (49152, 576)}
 ROWS = (1, 16, 64, 200, 700)
-
-
-def _dnn(x, w):
-    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
 
 def timed(f, reps: int) -> float:
@@ -79,9 +80,7 @@ def main() -> None:
                 print(f"{name:9s} {n:5d}x{k:4d} rows {m:4d} {way:10s} aten {a * 1e3:8.3f} ms "
                       f"({row['aten_gflops']:5.0f} GFLOP/s)  onednn {o * 1e3:8.3f} ms ({row['onednn_gflops']:5.0f})  "
                       f"x{row['onednn_vs_aten']:.2f}  diff {diff:.1e}", flush=True)
-    a, b = torch.randn(1024, 1024, generator=g), torch.randn(1024, 1024, generator=g)
-    gemm = {"aten": 2 * 1024**3 / timed(lambda: a @ b, 20) / 1e9,
-            "onednn": 2 * 1024**3 / timed(lambda: _dnn(a, b.t()), 20) / 1e9}
+    gemm = {k: step_memory.gemm_gflops(args.threads, kernel=k) for k in ("aten", "onednn")}
     print("1024^3 GEMM GFLOP/s:", {k: round(v, 1) for k, v in gemm.items()})
     doc = {"benchmark": "linear_kernels", "command": "python benchmarks/linear_kernels.py " + " ".join(sys.argv[1:]),
            "threads": args.threads, "rounds": args.rounds, "cpu_capability": torch.backends.cpu.get_cpu_capability(),

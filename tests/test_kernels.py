@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from prefopt.models import kernels
 from prefopt.models.kernels import KERNEL_ENV, KernelError, linear, use_onednn_linears
 
-HAS_ONEDNN = kernels._op() is not None and torch.backends.mkldnn.is_available() and kernels._agrees()
+HAS_ONEDNN = kernels.usable()
 
 
 @pytest.fixture

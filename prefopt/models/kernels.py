@@ -70,19 +70,23 @@ def _agrees() -> bool:
         return False
 
 
+def usable() -> bool:
+    """This PyTorch has oneDNN's linear and it agrees with ATen's (:func:`_agrees`)."""
+    return _op() is not None and torch.backends.mkldnn.is_available() and _agrees()
+
+
 def _choose(environ=os.environ) -> str:
     choice = (environ.get(KERNEL_ENV) or "auto").strip().lower()
     if choice not in _CHOICES:
         raise KernelError(f"{KERNEL_ENV}={environ.get(KERNEL_ENV)!r}: expected auto, onednn or aten")
-    if choice == "aten":
-        return "aten"
-    usable = _op() is not None and torch.backends.mkldnn.is_available() and _agrees()
     if choice == "onednn":
-        if not usable:
+        if not usable():
             raise KernelError(f"{KERNEL_ENV}=onednn: this PyTorch has no working oneDNN linear "
                               f"(torch {torch.__version__}); unset {KERNEL_ENV} or set it to aten")
         return "onednn"
-    return "onednn" if usable and torch.backends.cpu.get_cpu_capability().startswith("AVX512") else "aten"
+    if choice == "auto" and torch.backends.cpu.get_cpu_capability().startswith("AVX512") and usable():
+        return "onednn"
+    return "aten"
 
 
 _CHOSEN: str | None = None
